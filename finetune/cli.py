@@ -1,0 +1,107 @@
+"""`finetune <recipe> [hydra overrides]`: find the recipe script and run it; helpers recipes share.
+
+Recipes are scripts (recipes/*.py, shipped inside the wheel as finetune/recipes), not library code:
+this dispatcher runs the chosen one as __main__ so Hydra sees a normal command line.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import runpy
+import sys
+from pathlib import Path
+from typing import Iterator
+
+from finetune.errors import FinetuneError
+from finetune.paths import RECIPES_DIR
+
+RECIPES = {
+    "train": "train an adapter on the configured data, then merge and evaluate it (the default job)",
+    "preprocess": "build the training data, write data/stats.json and show samples with labels marked",
+    "merge": "merge a run's adapter into its base: run=<run dir>",
+    "eval": "generate on held-out rows, score, gate: run=<run dir>",
+    "generate": "generate replies for a prompts file (or the val split): run=<run dir>",
+}
+
+USAGE = """usage: finetune <recipe> [hydra overrides]
+
+recipes:
+{recipes}
+
+examples:
+  finetune train                                  # the embedded offline demo
+  finetune train experiment=qwen2_5_3b_json_qlora train.max_steps=500
+  finetune train --cfg job                        # print the composed config
+  finetune train -m train.learning_rate=1e-4,2e-4 # a sweep (Hydra multirun)
+  finetune eval run=outputs/demo/<time> eval.gates.exact_match=0.9
+
+`finetune <recipe> --help` shows that recipe's config groups and options."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        width = max(map(len, RECIPES))
+        print(USAGE.format(recipes="\n".join(f"  {n:<{width}}  {d}" for n, d in RECIPES.items())))
+        return 0
+    name, rest = argv[0], argv[1:]
+    script = RECIPES_DIR / f"{name}.py"
+    if name not in RECIPES or not script.is_file():
+        print(f"finetune: unknown recipe {name!r}; choose one of: {', '.join(RECIPES)}", file=sys.stderr)
+        return 2
+    sys.argv = [str(script), *rest]
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Print a FinetuneError as one clear message and exit 2, instead of a traceback."""
+    try:
+        yield
+    except FinetuneError as e:
+        logging.getLogger("finetune").debug("error", exc_info=True)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def setup(cfg, *, from_run: bool = False):
+    """Validate a composed DictConfig into typed dataclasses.
+
+    With from_run, the groups that describe the trained model (model, quant, peft, data, train, name)
+    come from `<run>/config.yaml`, so `finetune merge run=...` uses what the run was trained with;
+    merge/eval/generate/device come from the command line.
+    """
+    from omegaconf import OmegaConf
+
+    from finetune.schema import to_typed, validate
+
+    if from_run:
+        if not cfg.get("run"):
+            raise FinetuneError("this recipe needs a run directory: add run=<run dir> (e.g. run=outputs/demo/<time>)")
+        saved = Path(cfg.run) / "config.yaml"
+        if not saved.is_file():
+            raise FinetuneError(f"run={cfg.run}: {saved} not found; is this a run directory made by `finetune train`?")
+        trained = OmegaConf.load(saved)
+        cfg = OmegaConf.merge(cfg, {k: trained[k] for k in ("name", "model", "quant", "peft", "data", "train")
+                                    if k in trained})
+    return validate(to_typed(cfg))
+
+
+def run_dir() -> Path:
+    """The Hydra run (or multirun job) directory of this invocation."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def save_resolved_config(cfg, path: Path) -> None:
+    """config.yaml: the fully resolved config; `finetune train --config-path DIR --config-name config` reruns it."""
+    from omegaconf import OmegaConf
+
+    from finetune.runs import write_text_atomic
+
+    write_text_atomic(path, OmegaConf.to_yaml(cfg, resolve=True))

@@ -1,0 +1,113 @@
+"""Loading the base model and tokenizer: device, compute dtype, quantization."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from finetune.errors import FinetuneError
+from finetune.schema import ModelConfig, QuantConfig
+
+log = logging.getLogger("finetune.model")
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise FinetuneError("device=cuda but no CUDA GPU is visible; use device=cpu (or auto)")
+    return device
+
+
+def resolve_dtype(name: str, device: str):
+    """'auto' -> bf16 on CUDA, fp32 on CPU (bf16 is 2-3x slower on CPUs without native bf16)."""
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def model_path(cfg: ModelConfig) -> str:
+    """Folder or Hub id to load; the embedded tiny model is built (once) on demand."""
+    if cfg.is_embedded:
+        from finetune.tiny import tiny_model_dir
+
+        return str(tiny_model_dir())
+    return cfg.name_or_path
+
+
+def _hub_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    # No code from a model repo runs unless the user set trust_remote_code explicitly.
+    kw: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
+    if cfg.revision:
+        kw["revision"] = cfg.revision
+    return kw
+
+
+def load_tokenizer(cfg: ModelConfig, path: str | None = None):
+    """Tokenizer with a chat template and a pad token (needed for batching)."""
+    from transformers import AutoTokenizer
+
+    path = path or model_path(cfg)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, **_hub_kwargs(cfg))
+    except OSError as e:
+        raise FinetuneError(f"model.name_or_path={cfg.name_or_path!r}: cannot load a tokenizer ({e})") from None
+    if cfg.chat_template:
+        p = Path(cfg.chat_template)
+        tok.chat_template = p.read_text(encoding="utf-8") if p.suffix == ".jinja" and p.is_file() else cfg.chat_template
+    if not tok.chat_template:
+        raise FinetuneError(
+            f"model.name_or_path={cfg.name_or_path!r} has no chat template; set model.chat_template "
+            "to a Jinja template (text or a .jinja file)"
+        )
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def quantization_config(quant: QuantConfig, compute_dtype):
+    """bitsandbytes config for the quant group, or None for a plain 16-bit/fp32 base."""
+    if not quant.is_quantized:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if quant.method == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.method,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+        # Keep the 4-bit storage in the compute dtype so FSDP can shard it alongside the other params.
+        bnb_4bit_quant_storage=compute_dtype,
+    )
+
+
+def load_base_model(model_cfg: ModelConfig, quant: QuantConfig, device: str, *, quantize: bool = True):
+    """Load the base causal LM on `device`, quantized as the quant group says (unless quantize=False).
+
+    With quantize=False the base loads unquantized in the compute dtype: that is what merging into
+    the 'original' base and the base-vs-tuned comparison need.
+    """
+    from transformers import AutoModelForCausalLM
+
+    dtype = resolve_dtype(quant.compute_dtype, device)
+    qcfg = quantization_config(quant, dtype) if quantize else None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_path(model_cfg),
+            dtype=dtype,
+            quantization_config=qcfg,
+            device_map=device,
+            attn_implementation=model_cfg.attn_implementation,
+            **_hub_kwargs(model_cfg),
+        )
+    except OSError as e:
+        raise FinetuneError(f"model.name_or_path={model_cfg.name_or_path!r}: cannot load the model ({e})") from None
+    log.info("loaded %s (%s, %s) on %s", model_cfg.name_or_path, quant.method if qcfg else "unquantized", dtype, device)
+    return model

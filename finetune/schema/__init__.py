@@ -1,0 +1,95 @@
+"""Typed schema of the whole config tree.
+
+Hydra composes YAML onto these dataclasses (registered in the ConfigStore), so an unknown key or a
+wrong type fails at compose time with the key named. `validate` then checks values and combinations
+and reports every problem at once. Library code receives these dataclasses, never a DictConfig.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from finetune.errors import ConfigError
+from finetune.schema.data import DataConfig, SourceConfig
+from finetune.schema.model import ModelConfig
+from finetune.schema.peft import PeftConfig
+from finetune.schema.quant import QuantConfig
+from finetune.schema.stages import EvalConfig, GenerateConfig, MergeConfig
+from finetune.schema.train import TrainConfig
+
+__all__ = [
+    "FinetuneConfig", "ModelConfig", "QuantConfig", "PeftConfig", "DataConfig", "SourceConfig",
+    "TrainConfig", "EvalConfig", "MergeConfig", "GenerateConfig", "register_configs", "to_typed", "validate",
+]
+
+
+@dataclass
+class FinetuneConfig:
+    name: str = field(default="demo", metadata={"help": "Experiment name; runs go to outputs/<name>/<time>."})
+    run: Optional[str] = field(default=None, metadata={"help": "An existing run directory (merge/eval/generate)."})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+
+
+def register_configs() -> None:
+    """Register the schema so that `configs/config.yaml` can name it first in its defaults list."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    # Group files merge into the typed nodes of this schema, so they are checked against it too.
+    cs.store(name="finetune_schema", node=FinetuneConfig)
+
+
+def to_typed(cfg: Any) -> FinetuneConfig:
+    """Turn a composed DictConfig (or a plain dict) into dataclasses."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.is_config(cfg):
+        cfg = OmegaConf.merge(OmegaConf.structured(FinetuneConfig), cfg)
+    elif OmegaConf.get_type(cfg) is not FinetuneConfig:
+        cfg = OmegaConf.merge(OmegaConf.structured(FinetuneConfig), cfg)
+    return OmegaConf.to_object(cfg)
+
+
+def cross_field_problems(cfg: FinetuneConfig) -> list[str]:
+    """Problems that involve more than one group."""
+    out = []
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        out.append(f"device={cfg.device!r}: use auto, cpu or cuda")
+    if cfg.device == "cpu" and cfg.train.optim in ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"):
+        out.append(f"train.optim={cfg.train.optim!r} needs CUDA (bitsandbytes optimizers); on CPU use adamw_torch")
+    if cfg.peft.use_dora and cfg.quant.method == "int8":
+        out.append("peft.use_dora=true with quant.method=int8: peft's DoRA does not support 8-bit layers; "
+                   "use quant=nf4 or quant=none")
+    init = str(cfg.peft.init_lora_weights).lower()
+    if init.startswith("pissa") and cfg.quant.is_quantized:
+        out.append("peft.init_lora_weights=pissa needs an unquantized base (quant=none); "
+                   "for a 4-bit base use loftq")
+    if init == "loftq" and cfg.quant.method != "none":
+        out.append("peft.init_lora_weights=loftq quantizes the base itself: use it with quant=none")
+    if cfg.merge.base == "nf4_roundtrip" and not cfg.quant.is_4bit:
+        out.append(f"merge.base=nf4_roundtrip needs a 4-bit run, but quant.method={cfg.quant.method!r}; "
+                   "use merge.base=original")
+    if cfg.data.max_length > cfg.model.context_length:
+        out.append(f"data.max_length={cfg.data.max_length} exceeds model.context_length={cfg.model.context_length}")
+    if cfg.generate.max_new_tokens > cfg.model.context_length:
+        out.append(f"generate.max_new_tokens={cfg.generate.max_new_tokens} exceeds model.context_length")
+    return out
+
+
+def validate(cfg: FinetuneConfig) -> FinetuneConfig:
+    """Check every group and every combination; raise one ConfigError that lists all problems."""
+    problems: list[str] = []
+    for group in (cfg.model, cfg.quant, cfg.peft, cfg.data, cfg.train, cfg.eval, cfg.merge, cfg.generate):
+        problems.extend(group.problems())
+    problems.extend(cross_field_problems(cfg))
+    if problems:
+        raise ConfigError(problems)
+    return cfg
