@@ -65,7 +65,7 @@ def sft_config(cfg: FinetuneConfig, run_dir: Path, device: str, has_eval: bool):
         per_device_train_batch_size=t.per_device_train_batch_size,
         per_device_eval_batch_size=t.per_device_eval_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
-        warmup_ratio=t.warmup_ratio,
+        warmup_steps=t.warmup_steps,
         lr_scheduler_type=t.lr_scheduler_type,
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,

@@ -1,5 +1,4 @@
 """Config tree: every shipped file composes and validates; bad keys, types and values are reported clearly."""
-from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir

@@ -14,12 +14,14 @@ from finetune.schema.data import DataConfig, SourceConfig
 from finetune.schema.model import ModelConfig
 from finetune.schema.peft import PeftConfig
 from finetune.schema.quant import QuantConfig
-from finetune.schema.stages import EvalConfig, GenerateConfig, MergeConfig
+from finetune.schema.eval import EvalConfig, EvalGates
+from finetune.schema.generate import GenerateConfig
+from finetune.schema.merge import MergeConfig
 from finetune.schema.train import TrainConfig
 
 __all__ = [
     "FinetuneConfig", "ModelConfig", "QuantConfig", "PeftConfig", "DataConfig", "SourceConfig",
-    "TrainConfig", "EvalConfig", "MergeConfig", "GenerateConfig", "register_configs", "to_typed", "validate",
+    "TrainConfig", "EvalConfig", "EvalGates", "MergeConfig", "GenerateConfig", "register_configs", "to_typed", "validate",
 ]
 
 

@@ -16,7 +16,7 @@ class TrainConfig:
     per_device_train_batch_size: int = 4
     per_device_eval_batch_size: int = 8
     gradient_accumulation_steps: int = 1
-    warmup_ratio: float = 0.03
+    warmup_steps: float = field(default=0.03, metadata={"help": "Warmup: steps (>= 1) or a fraction of all steps (< 1)."})
     lr_scheduler_type: str = "cosine"
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -50,8 +50,8 @@ class TrainConfig:
                 out.append(f"train.{key}={getattr(self, key)}: must be a positive integer")
         if self.eval_steps is not None and self.eval_steps <= 0:
             out.append(f"train.eval_steps={self.eval_steps}: must be positive, or null for end-only eval")
-        if not 0 <= self.warmup_ratio < 1:
-            out.append(f"train.warmup_ratio={self.warmup_ratio}: must be in [0, 1)")
+        if self.warmup_steps < 0:
+            out.append(f"train.warmup_steps={self.warmup_steps}: use a step count >= 1 or a fraction in [0, 1)")
         if self.optim not in OPTIMIZERS:
             out.append(f"train.optim={self.optim!r}: unknown optimizer; use one of {', '.join(OPTIMIZERS)}")
         if self.lr_scheduler_type not in SCHEDULERS:
