@@ -7,6 +7,10 @@ completion {prompt, completion}
 structured {input, output, schema?}                               (see structured.py)
 
 `columns` ({ours: theirs}) renames fields first, including the keys inside messages.
+completion rows are rendered through the chat template too (one user turn, one reply).
+Message contents are stripped of surrounding whitespace: a reply starting with a newline would
+merge with the template's header newline into one token, and the prompt seen at inference would no
+longer be a token prefix of the training row.
 Problems raise RowError with a reason key (counted in stats.json) and a message for people.
 """
 from __future__ import annotations

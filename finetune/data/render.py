@@ -95,6 +95,10 @@ def _eot_index(tokenizer: Any, ids: list[int], offsets: list, first: int, end: i
 
 def special_tokens(tokenizer: Any) -> Specials:
     """The tokenizer's special tokens and added special tokens."""
+    if not getattr(tokenizer, "is_fast", True):
+        # Masks come from character offsets, which only the Rust ("fast") tokenizers report.
+        raise DataError(f"{type(tokenizer).__name__} is a slow (Python) tokenizer without offsets; load the "
+                        "model's fast tokenizer (AutoTokenizer.from_pretrained(..., use_fast=True))")
     ids = set(tokenizer.all_special_ids)
     ids.update(i for i, t in tokenizer.added_tokens_decoder.items() if t.special)
     texts = tuple(t for t in tokenizer.convert_ids_to_tokens(sorted(ids)) if t)
@@ -127,7 +131,7 @@ def encode(tokenizer: Any, messages: list[dict], train_on: str, specials: Specia
     starts = []
     trained = spans if train_on != "last_assistant" else spans[-1:]
     t = 0
-    for n, (start, end, turn_end) in enumerate(spans):
+    for start, end, turn_end in spans:
         while t < len(ids) and offsets[t][0] < start:
             if offsets[t][1] > start:
                 raise RowError("token_boundary", "a token spans the boundary between prompt and reply (reply "
