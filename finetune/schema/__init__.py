@@ -43,7 +43,12 @@ class FinetuneConfig:
 def register_configs() -> None:
     """Register the schema so that `configs/config.yaml` can name it first in its defaults list."""
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
 
+    from finetune.stamp import run_stamp
+
+    # ${run_stamp:} names run directories; use_cache keeps one value for the whole process.
+    OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True, replace=True)
     cs = ConfigStore.instance()
     # Group files merge into the typed nodes of this schema, so they are checked against it too.
     cs.store(name="finetune_schema", node=FinetuneConfig)
