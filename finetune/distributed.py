@@ -1,0 +1,75 @@
+"""Multi-process training through the engines users already run (torchrun, accelerate, DeepSpeed).
+
+We launch nothing ourselves: each rank runs `finetune train` as the launcher started it. This module
+reads what the launcher told the process (environment variables), checks the setup before any model
+loads, and answers "am I the process that writes files?".
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Mapping
+
+FLOAT_STORAGE = ("bfloat16", "float16", "float32")
+
+
+@dataclass(frozen=True)
+class Launch:
+    world_size: int
+    rank: int
+    engine: str  # "single" | "ddp" | "fsdp" | "deepspeed"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launch_info(env: Mapping[str, str] | None = None) -> Launch:
+    """What the launcher set up: torchrun sets WORLD_SIZE/RANK; accelerate adds ACCELERATE_USE_*."""
+    env = os.environ if env is None else env
+    world = int(env.get("WORLD_SIZE", "1"))
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        engine = "deepspeed"
+    elif env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        engine = "fsdp"
+    else:
+        engine = "ddp" if world > 1 else "single"
+    return Launch(world_size=world, rank=int(env.get("RANK", "0")), engine=engine)
+
+
+def is_main_process() -> bool:
+    """Only rank 0 writes logs, plots, the adapter, the merged model and the report."""
+    return launch_info().is_main
+
+
+def launch_problems(*, launch: Launch, per_device_batch: int, grad_accum: int, global_batch: int | None,
+                    quant_method: str, storage_dtype: str | None, deepspeed_config: str | None) -> list[str]:
+    """Setups that would fail late or train wrongly, as messages naming the keys involved."""
+    out: list[str] = []
+    if global_batch is not None:
+        per_step = launch.world_size * per_device_batch
+        if global_batch % per_step:
+            out.append(
+                f"train.global_batch_size={global_batch} is not divisible by world size {launch.world_size} x "
+                f"train.per_device_train_batch_size={per_device_batch} (= {per_step}); pick a global batch that "
+                f"is a multiple of {per_step}, or change the batch size or the number of processes"
+            )
+        elif grad_accum != 1 and global_batch != per_step * grad_accum:
+            out.append(
+                f"train.global_batch_size={global_batch} disagrees with train.gradient_accumulation_steps="
+                f"{grad_accum} ({per_step} x {grad_accum} = {per_step * grad_accum}); set only one of them"
+            )
+    if launch.engine == "fsdp" and quant_method in ("nf4", "fp4") and storage_dtype not in FLOAT_STORAGE:
+        out.append(
+            f"quant.method={quant_method} under FSDP needs quant.storage_dtype set to the compute dtype "
+            f"(bfloat16 on GPU; now {storage_dtype!r}): FSDP shards only float tensors, and 4-bit weights are "
+            "stored as uint8 by default. Use quant=nf4_fsdp"
+        )
+    wants_deepspeed = launch.engine == "deepspeed" or bool(deepspeed_config)
+    if wants_deepspeed and importlib.util.find_spec("deepspeed") is None:
+        out.append(
+            "DeepSpeed was requested (accelerate config or train.deepspeed) but is not installed: "
+            "`pip install 'finetune[deepspeed]'` on a CUDA machine, or launch with the DDP/FSDP configs"
+        )
+    return out
