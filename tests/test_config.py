@@ -79,3 +79,11 @@ def test_bad_value_through_cli_is_one_clear_message(tmp_path):
     assert res.returncode == 2
     assert "peft.r=-1" in res.stderr and "train.learning_rate=0" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_constrained_decoding_requires_schema_key_order():
+    cfg = to_typed(compose_cfg(["generate.constrain=json_schema", "data.structured.key_order=sorted"]))
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert "data.structured.key_order='sorted'" in str(err.value)
+    validate(to_typed(compose_cfg(["generate.constrain=json_schema"])))  # schema order (default) is fine

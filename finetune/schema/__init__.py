@@ -84,6 +84,11 @@ def cross_field_problems(cfg: FinetuneConfig) -> list[str]:
     if cfg.merge.base == "nf4_roundtrip" and not cfg.quant.is_4bit:
         out.append(f"merge.base=nf4_roundtrip needs a 4-bit run, but quant.method={cfg.quant.method!r}; "
                    "use merge.base=original")
+    for key, mode in (("generate.constrain", cfg.generate.constrain), ("eval.constrain", cfg.eval.constrain)):
+        if mode == "json_schema" and cfg.data.structured.key_order != "schema":
+            out.append(f"{key}=json_schema writes object keys in the schema's order, but "
+                       f"data.structured.key_order={cfg.data.structured.key_order!r} trains another order; "
+                       "use data.structured.key_order=schema")
     if cfg.data.max_length > cfg.model.context_length:
         out.append(f"data.max_length={cfg.data.max_length} exceeds model.context_length={cfg.model.context_length}")
     if cfg.generate.max_new_tokens > cfg.model.context_length:
