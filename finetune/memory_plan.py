@@ -12,8 +12,9 @@ so long packed rows need a chunked cross-entropy to stay under 8 GiB.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence, Union
+from typing import Any
 
 GIB = 1024**3
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -39,7 +40,7 @@ LOGITS_BYTES = 12  # per token per vocab entry at the loss-backward peak: fp32 l
 # the dense fp32 grad nll_loss hands back, and the fp32 grad log_softmax writes: 3 x 4 B live together.
 FRAGMENTATION = 0.05  # caching-allocator rounding and fragmentation, a rule of thumb until the GPU bench says more
 
-Targets = Union[str, Sequence[str]]
+Targets = str | Sequence[str]
 
 
 @dataclass
@@ -85,7 +86,7 @@ class _Arch:
 
 def _arch(arch: Mapping[str, Any]) -> _Arch:
     """Normalize a HF-config-shaped dict; ValueError names the missing or bad key."""
-    if not isinstance(arch, Mapping):
+    if not isinstance(arch, Mapping):  # ValueError like every other bad config value: callers report those
         raise ValueError(f"model.architecture must be a mapping of architecture numbers, got {type(arch).__name__}")
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
         if arch.get(key) is None:
@@ -206,21 +207,22 @@ def _optimizer_bytes(sizes: list[int], optimizer: str) -> int:
 
 
 def _layer_bytes_per_token(a: _Arch, targets: list[str], r: int, c: int, s: int, quant: str,
-                           dropout: float, attn: str, seq_len: int) -> dict[str, int]:
-    """Bytes one decoder layer keeps for backward per token (c: compute, s: residual-stream dtype width)."""
+                           dropout: float, attn: str, attn_len: int) -> dict[str, int]:
+    """Bytes one decoder layer keeps for backward per token (c: compute, s: residual-stream dtype width,
+    attn_len: keys each query's mask row spans -- the whole flattened micro-batch when padding-free)."""
     h, i, q = a.hidden, a.inter, a.heads * a.head_dim
     o = s if quant != "none" else c  # bnb Linear4bit/8bitLt cast their output back to the input's dtype
     # RMSNorm upcasts its input to fp32 and keeps it plus 1/rms: (4h + 4) B, twice per layer.
     norms = 2 * (4 * h + 4)
     # flash-attn and sdpa (flash / mem-efficient kernels) keep q, k, v, out in the compute dtype plus an fp32
     # logsumexp per head. sdpa with a packing mask: transformers repeats k/v to all query heads first (no native GQA)
-    # and torch turns the bool mask into a compute-dtype bias that each layer keeps: seq_len * c per token.
+    # and torch turns the bool mask into a compute-dtype bias that each layer keeps: attn_len * c per token.
     kv_heads = a.heads if attn in ("sdpa", "eager") else a.kv_heads
     core = c * (q + 2 * kv_heads * a.head_dim)
     if attn == "eager":  # fp32 softmax probs (kept by softmax) and, below fp32, their copy kept by probs @ v
-        core += a.heads * seq_len * (4 + (c if c < 4 else 0))
+        core += a.heads * attn_len * (4 + (c if c < 4 else 0))
     else:
-        core += c * q + 4 * a.heads + (seq_len * c if attn == "sdpa" else 0)
+        core += c * q + 4 * a.heads + (attn_len * c if attn == "sdpa" else 0)
     # SwiGLU: silu keeps the gate output, the product keeps silu(gate) and up: 3 x i in the base linears' dtype.
     mlp = 3 * o * i
     # LoRA: frozen base linears keep nothing (their input grad needs only W), the adapter keeps its input.
@@ -246,13 +248,15 @@ def _layer_bytes_per_token(a: _Arch, targets: list[str], r: int, c: int, s: int,
 def plan_memory(arch: Mapping[str, Any], *, quant_method: str, double_quant: bool, compute_dtype: str, r: int,
                 target_modules: Targets, optimizer: str, seq_len: int, micro_batch: int,
                 gradient_checkpointing: bool, lora_dropout: float = 0.05, attn_implementation: str = "sdpa",
-                upcast_non_quantized: bool | None = None) -> MemoryPlan:
+                padding_free: bool = True, upcast_non_quantized: bool | None = None) -> MemoryPlan:
     """Estimate the accelerator memory of one training step.
 
     Args:
         arch: HF-config-shaped numbers (hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
             num_key_value_heads, head_dim, vocab_size, tie_word_embeddings, qkv_bias / attention_bias).
-        seq_len, micro_batch: packed tokens per row and rows per micro-batch.
+        seq_len, micro_batch: tokens per row (data.max_length) and rows per micro-batch.
+        padding_free: trl's bfd packing flattens the micro-batch into one row of seq_len * micro_batch tokens,
+            so sdpa/eager masks span all of them; False = padded rows of seq_len.
         upcast_non_quantized: None = True on a quantized base (peft's prepare_model_for_kbit_training casts
             embeddings, norms and biases to fp32), False on an unquantized one.
     Raises:
@@ -282,14 +286,15 @@ def plan_memory(arch: Mapping[str, Any], *, quant_method: str, double_quant: boo
     lora_bytes, grads = 4 * n_lora, 4 * n_lora  # peft autocasts adapters to fp32; their grads are fp32 too
     optim = _optimizer_bytes(lora_sizes, optimizer)
 
-    per_tok = _layer_bytes_per_token(a, targets, r, c, s, quant_method, lora_dropout, attn_implementation, seq_len)
+    rows, attn_len = (1, tokens) if padding_free else (micro_batch, seq_len)
+    per_tok = _layer_bytes_per_token(a, targets, r, c, s, quant_method, lora_dropout, attn_implementation, attn_len)
     layer = sum(per_tok.values()) * tokens
     final_norm = (4 * a.hidden + 4) * tokens
     # Autocast copies of fp32 weights live until backward: the tied/upcast lm_head (V*h*c, 0.62 GB for Qwen2.5-3B
-    # in bf16) and every LoRA matrix. The packing mask of sdpa is one bool per (query, key) pair per row.
+    # in bf16) and every LoRA matrix. The sdpa/eager mask is one bool per (query, key) pair per row.
     head_copy = a.vocab * a.hidden * c if c < s else 0
     lora_copies = n_lora * c if c < 4 else 0
-    mask = micro_batch * seq_len * seq_len if attn_implementation != "flash_attention_2" else 0
+    mask = rows * attn_len * attn_len if attn_implementation != "flash_attention_2" else 0
     loss_peak = LOGITS_BYTES * tokens * a.vocab
     mlp_backward = (2 * (s if quant_method != "none" else c) * a.inter + 12 * a.hidden) * tokens  # MLP grads
     fixed = final_norm + head_copy + lora_copies + mask
@@ -311,8 +316,8 @@ def plan_memory(arch: Mapping[str, Any], *, quant_method: str, double_quant: boo
         f"decoder linears; embeddings, norms and biases in {s * 8}-bit"
         + (" (prepare_model_for_kbit_training upcast)" if upcast else ""),
         f"LoRA r={r} on {', '.join(targets)}: {n_lora:,} fp32 params, fp32 grads, {optimizer} state",
-        f"activations: {compute_dtype} compute, {attn_implementation} attention, lora_dropout={lora_dropout}; "
-        f"loss peak {LOGITS_BYTES} B x {tokens} tokens x {a.vocab} vocab = {loss_peak / GIB:.2f} GiB",
+        (f"activations: {compute_dtype} compute, {attn_implementation} attention, lora_dropout={lora_dropout}; "
+         f"loss peak {LOGITS_BYTES} B x {tokens} tokens x {a.vocab} vocab = {loss_peak / GIB:.2f} GiB"),
         "not counted: CUDA context (~0.5 GiB, outside torch.cuda.max_memory_allocated), trl metric temporaries",
     ]
     detail = {**w, "ckpt_inputs": ckpt_inputs, "layer_activations": layer, "loss_peak": loss_peak,
@@ -322,7 +327,7 @@ def plan_memory(arch: Mapping[str, Any], *, quant_method: str, double_quant: boo
     inputs = dict(quant_method=quant_method, double_quant=double_quant, compute_dtype=compute_dtype, r=r,
                   target_modules=target_modules, optimizer=optimizer, seq_len=seq_len, micro_batch=micro_batch,
                   gradient_checkpointing=gradient_checkpointing, lora_dropout=lora_dropout,
-                  attn_implementation=attn_implementation, upcast_non_quantized=upcast)
+                  attn_implementation=attn_implementation, padding_free=padding_free, upcast_non_quantized=upcast)
     act = act_ck if gradient_checkpointing else act_no
     return MemoryPlan(
         weights=sum(w.values()), lora_params=lora_bytes, gradients=grads, optimizer=optim, activations=act,
@@ -345,6 +350,7 @@ def plan_from_config(cfg: Any) -> MemoryPlan:
         compute_dtype=compute, r=cfg.peft.r, target_modules=cfg.peft.target_modules, optimizer=cfg.train.optim,
         seq_len=cfg.data.max_length, micro_batch=cfg.train.per_device_train_batch_size,
         gradient_checkpointing=cfg.quant.is_quantized if ckpt is None else ckpt, lora_dropout=cfg.peft.lora_dropout,
+        padding_free=cfg.train.packing,
         attn_implementation=cfg.model.attn_implementation if cfg.model.attn_implementation in ATTN_IMPLEMENTATIONS
         else "sdpa")
 
@@ -356,8 +362,8 @@ def format_plan(plan: MemoryPlan) -> str:
             ("gradients", plan.gradients, plan.gradients), ("optimizer state", plan.optimizer, plan.optimizer),
             ("activations", plan.activations_no_ckpt, plan.activations_ckpt),
             ("overhead", plan.overhead_no_ckpt, plan.overhead_ckpt), ("total", plan.total_no_ckpt, plan.total_ckpt)]
-    lines = [f"memory plan: {plan.base_params / 1e9:.2f} B base params, {plan.lora_param_count / 1e6:.1f} M LoRA "
-             f"params, {plan.tokens_per_step} tokens per micro-batch (selected: {sel})",
+    lines = [(f"memory plan: {plan.base_params / 1e9:.2f} B base params, {plan.lora_param_count / 1e6:.1f} M LoRA "
+              f"params, {plan.tokens_per_step} tokens per micro-batch (selected: {sel})"),
              f"{'':24s}{'no ckpt':>10s}{'ckpt':>10s}   GiB"]
     lines += [f"{name:24s}{no / GIB:10.2f}{ck / GIB:10.2f}" for name, no, ck in rows]
     lines += [f"  - {n}" for n in plan.notes]

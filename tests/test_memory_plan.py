@@ -5,9 +5,7 @@ import math
 
 import pytest
 
-from finetune.memory_plan import (
-    GIB, count_parameters, format_plan, lora_parameter_count, plan_memory,
-)
+from finetune.memory_plan import GIB, count_parameters, format_plan, lora_parameter_count, plan_memory
 
 QWEN25_3B = dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
                  num_key_value_heads=2, head_dim=128, vocab_size=151936, tie_word_embeddings=True, qkv_bias=True)
@@ -83,6 +81,27 @@ def test_missing_or_bad_architecture_key(key):
         lora_parameter_count(QWEN25_3B, 0, "all-linear")
 
 
+def test_plan_from_the_shipped_qwen_config():
+    """configs/model/qwen2_5_3b_instruct.yaml carries the numbers; the plan follows the typed config's groups."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from finetune.memory_plan import plan_from_config
+    from finetune.schema import to_typed
+
+    model = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs/model/qwen2_5_3b_instruct.yaml")
+    cfg = to_typed({"model": model, "data": {"max_length": 2048}, "train": {"per_device_train_batch_size": 4}})
+    plan = plan_from_config(cfg)
+    assert plan.base_params == 3_085_938_688 and plan.lora_param_count == 29_933_568
+    assert plan.tokens_per_step == 4 * 2048 and plan.gradient_checkpointing  # quantized base: on by default
+    assert plan.detail["attention_mask"] == (4 * 2048) ** 2  # padding-free: one flattened row of 8,192 tokens
+    assert plan.inputs["compute_dtype"] == "bfloat16" and plan.inputs["optimizer"] == cfg.train.optim
+    cfg.model.architecture = None
+    with pytest.raises(ValueError, match="model.architecture"):
+        plan_from_config(cfg)
+
+
 # ---- against real modules (tiny shapes, CPU) ----
 
 def _tiny_model(arch: dict, model_type: str = "qwen2"):
@@ -128,8 +147,10 @@ def _saved_bytes_in_layer(model, layers, index, input_ids, position_ids, autocas
     where: dict[int, set] = {}
     size: dict[int, int] = {}
     state = {"layer": None}
+    alive = []  # hold every saved tensor, so no freed storage hands its address to a later one
 
     def pack(t):
+        alive.append(t)
         ptr = t.untyped_storage().data_ptr()
         if ptr not in params and tuple(t.shape) not in shapes:
             where.setdefault(ptr, set()).add(state["layer"])
