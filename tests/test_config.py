@@ -10,7 +10,7 @@ from finetune.paths import CONFIG_DIR
 from finetune.schema import FinetuneConfig, register_configs, to_typed, validate
 
 register_configs()
-GROUPS = ["model", "quant", "peft", "data", "train", "eval", "merge", "generate"]
+GROUPS = ["model", "quant", "peft", "data", "train", "eval", "merge", "generate", "export"]
 
 
 def compose_cfg(overrides=()):

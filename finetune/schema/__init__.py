@@ -15,13 +15,14 @@ from finetune.schema.model import ModelConfig
 from finetune.schema.peft import PeftConfig
 from finetune.schema.quant import QuantConfig
 from finetune.schema.eval import EvalConfig, EvalGates
+from finetune.schema.export import ExportConfig
 from finetune.schema.generate import GenerateConfig
 from finetune.schema.merge import MergeConfig
 from finetune.schema.train import TrainConfig
 
 __all__ = [
     "FinetuneConfig", "ModelConfig", "QuantConfig", "PeftConfig", "DataConfig", "SourceConfig",
-    "TrainConfig", "EvalConfig", "EvalGates", "MergeConfig", "GenerateConfig", "register_configs", "to_typed", "validate",
+    "TrainConfig", "EvalConfig", "EvalGates", "MergeConfig", "GenerateConfig", "ExportConfig", "register_configs", "to_typed", "validate",
 ]
 
 
@@ -38,6 +39,7 @@ class FinetuneConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 def register_configs() -> None:
@@ -99,7 +101,8 @@ def cross_field_problems(cfg: FinetuneConfig) -> list[str]:
 def validate(cfg: FinetuneConfig) -> FinetuneConfig:
     """Check every group and every combination; raise one ConfigError that lists all problems."""
     problems: list[str] = []
-    for group in (cfg.model, cfg.quant, cfg.peft, cfg.data, cfg.train, cfg.eval, cfg.merge, cfg.generate):
+    for group in (cfg.model, cfg.quant, cfg.peft, cfg.data, cfg.train, cfg.eval, cfg.merge, cfg.generate,
+                  cfg.export):
         problems.extend(group.problems())
     problems.extend(cross_field_problems(cfg))
     if problems:
