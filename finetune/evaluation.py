@@ -1,103 +1,249 @@
-"""Post-training inference checks: generate on held-out rows, score, report, gate."""
+"""Post-training inference checks: generate on held-out rows, score, compare with the base, report, gate.
+
+`finetune eval run=<dir>` and the end of `finetune train` call evaluate_run. The tuned model is the
+merged one (what ships); the base is the same weights without the adapter, loaded unquantized, and is
+scored on the same rows with the same tokenizer and chat template, so only the adapter differs.
+"""
 from __future__ import annotations
 
+import gc
 import json
 import logging
+import re
+import time
 from pathlib import Path
+from typing import Any
 
 from finetune.errors import FinetuneError
-from finetune.runs import write_json_atomic, write_text_atomic
+from finetune.metrics import aggregate, deltas, score_row
 from finetune.schema import FinetuneConfig
 
 log = logging.getLogger("finetune.eval")
 
 
 class GateFailure(FinetuneError):
-    """A configured quality gate was missed; the CLI exits non-zero."""
-
-
-def score_row(generated: str, target: str, task: str, schema: str) -> dict:
-    """Per-row metrics: exact match always; JSON and schema validity for structured rows."""
-    row = {"exact_match": float(generated.strip() == target.strip())}
-    if task == "structured":
-        import jsonschema
-
-        try:
-            value = json.loads(generated)
-            row["json_valid"] = 1.0
-        except ValueError:
-            value, row["json_valid"] = None, 0.0
-        ok = 0.0
-        if row["json_valid"] and schema:
-            try:
-                jsonschema.validate(value, json.loads(schema))
-                ok = 1.0
-            except jsonschema.ValidationError:
-                ok = 0.0
-        row["schema_valid"] = ok
-    return row
-
-
-def aggregate(rows: list[dict]) -> dict:
-    """Mean of each metric over the rows that have it; names end in _rate for validity metrics."""
-    names = {"exact_match": "exact_match", "json_valid": "json_valid_rate", "schema_valid": "schema_valid_rate",
-             "stopped": "stopped_rate"}
-    out: dict[str, float] = {}
-    for key, name in names.items():
-        vals = [r[key] for r in rows if key in r]
-        if vals:
-            out[name] = sum(vals) / len(vals)
-    out["rows"] = len(rows)
-    return out
+    """A configured quality gate was missed; the CLI exits non-zero (2)."""
 
 
 def check_gates(metrics: dict, gates: dict[str, float]) -> list[str]:
-    """Messages for each gate missed (metric below its threshold, or not measured)."""
+    """One message per gate missed: which gate, its threshold and the measured value.
+
+    `max_<metric>` gates are upper bounds, all others lower bounds. A gate on a metric that was not
+    measured (e.g. json_valid_rate with no structured rows) is missed: a silent pass would hide it.
+    """
     missed = []
     for name, threshold in gates.items():
-        if name not in metrics:
-            missed.append(f"gate eval.gates.{name}={threshold}: metric {name!r} was not measured "
-                          f"(measured: {', '.join(sorted(metrics))})")
-        elif metrics[name] < threshold:
-            missed.append(f"gate eval.gates.{name} missed: {metrics[name]:.4f} < {threshold}")
+        metric, upper = (name[4:], True) if name.startswith("max_") else (name, False)
+        value = metrics.get(metric)
+        if value is None:
+            missed.append(f"gate eval.gates.{name}={threshold}: metric {metric!r} was not measured on these rows "
+                          f"(measured: {', '.join(sorted(k for k in metrics if not k.startswith('rows')))})")
+        elif (value > threshold) if upper else (value < threshold):
+            op = ">" if upper else "<"
+            missed.append(f"gate eval.gates.{name} missed: {metric} = {value:.4f} {op} threshold {threshold}")
     return missed
 
 
-def evaluate_model(model, tokenizer, val, cfg: FinetuneConfig) -> tuple[dict, list[dict]]:
-    """Generate on `val` rows and score them. Returns (metrics, predictions)."""
+def target_loss(model: Any, rows: list[dict], tokens_per_batch: int = 4096) -> dict[str, float]:
+    """Mean cross-entropy and perplexity over the label tokens (assistant_masks) of tokenized rows.
+
+    Token-weighted over all rows, the quantity trl's eval_loss estimates. Rows are length-sorted and
+    batched by padded size; only the positions that predict a label get logits (`logits_to_keep`),
+    which at Qwen2.5's 151,936-word vocabulary is what keeps memory bounded: full fp32 logits of
+    4,096 tokens alone are 2.5 GB.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    device = next(model.parameters()).device
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
+    total, count, start = 0.0, 0, 0
+    model.eval()
+    while start < len(order):
+        end = start + 1
+        while end < len(order) and (end - start + 1) * len(rows[order[end]]["input_ids"]) <= tokens_per_batch:
+            end += 1
+        batch = [rows[i] for i in order[start:end]]
+        start = end
+        width = max(len(r["input_ids"]) for r in batch)
+        ids = torch.zeros((len(batch), width), dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        labels = torch.full_like(ids, -100)
+        for b, r in enumerate(batch):  # right padding: positions stay 0..n-1 as in training
+            n = len(r["input_ids"])
+            ids[b, :n] = torch.tensor(r["input_ids"])
+            attn[b, :n] = 1
+            labels[b, :n] = torch.where(torch.tensor(r["assistant_masks"]) > 0, ids[b, :n], -100)
+        labels[:, 0] = -100  # nothing predicts the first token
+        keep = torch.nonzero((labels[:, 1:] != -100).any(0)).flatten()  # positions t-1 that predict a label t
+        if keep.numel() == 0:
+            continue
+        with torch.inference_mode():
+            logits = model(input_ids=ids.to(device), attention_mask=attn.to(device),
+                           logits_to_keep=keep.to(device)).logits.float()
+        gold = labels[:, keep + 1].to(device)
+        total += F.cross_entropy(logits.flatten(0, 1), gold.flatten(), ignore_index=-100, reduction="sum").item()
+        count += int((gold != -100).sum())
+    if count == 0:
+        return {}
+    mean = total / count
+    return {"target_loss": mean, "target_perplexity": float(torch.exp(torch.tensor(mean))), "target_tokens": count}
+
+
+def _constraint(cfg: FinetuneConfig, model: Any, tokenizer: Any, rows: list[dict]):
+    """A logits_processor_factory for generate() when eval.constrain=json_schema, else None."""
+    if cfg.eval.constrain != "json_schema":
+        return None
+    from finetune.generate import schema_processor_factory
+
+    vocab = model.get_output_embeddings().weight.shape[0]  # logits width, may exceed len(tokenizer)
+    return schema_processor_factory(tokenizer, [json.loads(r["schema"]) for r in rows], vocab)
+
+
+def _generate(cfg: FinetuneConfig, model: Any, tokenizer: Any, rows: list[dict]) -> list:
+    """Generations for `rows`, in order (greedy unless eval.do_sample); structured rows constrained when
+    eval.constrain=json_schema."""
     from finetune.data import render_prompt
     from finetune.generate import generate
 
-    rows = list(val)
+    prompts = [render_prompt(tokenizer, json.loads(r["messages"])[:-1]) for r in rows]
+    e = cfg.eval
+    kw: dict[str, Any] = dict(max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
+    if e.do_sample:
+        import torch
+
+        torch.manual_seed(e.seed)  # same seed for tuned and base: the comparison is not luck of the draw
+        kw.update(do_sample=True, temperature=e.temperature, top_p=e.top_p)
+    constrained = [i for i, r in enumerate(rows) if r["task"] == "structured" and r["schema"]]
+    if cfg.eval.constrain == "none" or not constrained:
+        return generate(model, tokenizer, prompts, **kw)
+    # Only structured rows have a schema to enforce; the others run unconstrained in their own batches.
+    free = sorted(set(range(len(rows))) - set(constrained))
+    out: list = [None] * len(rows)
+    sub = [rows[i] for i in constrained]
+    for i, g in zip(constrained, generate(model, tokenizer, [prompts[i] for i in constrained],
+                                          logits_processor_factory=_constraint(cfg, model, tokenizer, sub), **kw)):
+        out[i] = g
+    for i, g in zip(free, generate(model, tokenizer, [prompts[i] for i in free], **kw)):
+        out[i] = g
+    return out
+
+
+def evaluate_model(model: Any, tokenizer: Any, val: Any, cfg: FinetuneConfig) -> tuple[dict, list[dict]]:
+    """Generate on the val rows (first eval.max_samples), score them, and measure target loss.
+
+    Args:
+        model, tokenizer: a causal LM and the tokenizer whose chat template the rows were trained with.
+        val: rows with messages (JSON), task, schema, target, input_ids, assistant_masks.
+        cfg: eval.* picks max_new_tokens, batch size, constraint and whether to compute the loss.
+    Returns:
+        (metrics, per-row predictions with their scores).
+    """
+    rows = [dict(r) for r in val]
     if cfg.eval.max_samples:
         rows = rows[: cfg.eval.max_samples]
-    prompts = [render_prompt(tokenizer, json.loads(r["messages"])[:-1]) for r in rows]
-    gens = generate(model, tokenizer, prompts, max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
+    started = time.perf_counter()
+    gens = _generate(cfg, model, tokenizer, rows)
+    seconds = time.perf_counter() - started
     preds = []
     for r, g in zip(rows, gens):
         scores = score_row(g.text, r["target"], r["task"], r["schema"])
         scores["stopped"] = float(g.stopped)
-        preds.append({"messages": json.loads(r["messages"])[:-1], "target": r["target"], "generated": g.text,
-                      "task": r["task"], "new_tokens": g.new_tokens, **scores})
-    return aggregate(preds), preds
+        preds.append({"origin": r.get("origin", ""), "task": r["task"], "messages": json.loads(r["messages"])[:-1],
+                      "target": r["target"], "generated": g.text, "new_tokens": g.new_tokens, **scores})
+    metrics = aggregate(preds)
+    new_tokens = sum(p["new_tokens"] for p in preds)
+    metrics["generated_tokens_per_s"] = new_tokens / seconds if seconds > 0 else 0.0
+    if cfg.eval.loss and rows and "input_ids" in rows[0]:
+        metrics.update(target_loss(model, rows, cfg.eval.loss_tokens_per_batch))
+    return metrics, preds
 
 
-def write_report(run_dir: Path, metrics: dict, preds: list[dict], gates: dict, missed: list[str]) -> Path:
-    out = run_dir / "eval"
-    write_json_atomic(out / "report.json", {"metrics": metrics, "gates": gates, "gates_missed": missed})
-    write_text_atomic(out / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in preds))
-    lines = ["# Evaluation", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
-    lines += ["", "## Gates", ""] + ([f"- {m}" for m in missed] or ["- all gates met" if gates else "- none configured"])
-    write_text_atomic(out / "report.md", "\n".join(lines) + "\n")
-    return out / "report.json"
+def _release_memory() -> None:
+    """Collect dropped models now: the tuned and the base 3B model in bf16 are 6 GB each on one GPU."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _merged_checkpoint(cfg: FinetuneConfig, ckpt: Path, device: str):
+    """A checkpoint's adapter merged in memory into the unquantized base, as `finetune merge` does."""
+    from finetune.merge import load_adapter_model
+
+    return load_adapter_model(cfg, ckpt, device, quantize=False).merge_and_unload()
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    import filecmp
+
+    return a.is_file() and b.is_file() and filecmp.cmp(a, b, shallow=False)
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every trainer checkpoint with an adapter, by step."""
+    found = []
+    for d in Path(run_dir, "checkpoints").glob("checkpoint-*"):
+        m = re.fullmatch(r"checkpoint-(\d+)", d.name)
+        if m and (d / "adapter_config.json").is_file():
+            found.append((int(m.group(1)), d))
+    return sorted(found)
+
+
+def _compare_base(cfg: FinetuneConfig, report: dict, preds: list[dict], val: Any, tokenizer: Any,
+                  run_dir: Path) -> list[dict]:
+    """Score the base without the adapter into report["base"] / ["delta"] (and each prediction's "base").
+
+    Returns the base as the step-0 point of the checkpoint history: LoRA starts with B = 0, so the
+    model at step 0 is the base.
+    """
+    from finetune.model import load_base_model, resolve_device
+
+    # Loaded unquantized, like the base the adapter was merged into; the tuned tokenizer (same
+    # vocabulary) renders the prompts, so only the weights differ.
+    base = load_base_model(cfg.model, cfg.quant, resolve_device(cfg.device), quantize=False)
+    report["base"], base_preds = evaluate_model(base, tokenizer, val, cfg)
+    report["delta"] = deltas(report["metrics"], report["base"])
+    for p, b in zip(preds, base_preds):
+        p["base"] = {k: v for k, v in b.items() if k not in ("origin", "task", "messages", "target")}
+    if cfg.eval.tasks:
+        from finetune.eval_harness import run_benchmarks
+
+        report["benchmarks"]["base"] = run_benchmarks(cfg, base, tokenizer, run_dir / "eval", tag="base")
+    del base
+    _release_memory()
+    return [{"step": 0, "metrics": report["base"]}]
+
+
+def _checkpoint_history(cfg: FinetuneConfig, run_dir: Path, tuned: dict, val: Any, tokenizer: Any) -> list[dict]:
+    """Metrics of every checkpoints/checkpoint-N adapter, merged in memory, by step."""
+    from finetune.model import resolve_device
+
+    history = []
+    for step, ckpt in list_checkpoints(run_dir):
+        if _same_file(ckpt / "adapter_model.safetensors", run_dir / "adapter" / "adapter_model.safetensors"):
+            history.append({"step": step, "metrics": tuned})  # the adapter merged/ was made from: scored already
+            continue
+        model = _merged_checkpoint(cfg, ckpt, resolve_device(cfg.device))
+        history.append({"step": step, "metrics": evaluate_model(model, tokenizer, val, cfg)[0]})
+        del model
+        _release_memory()
+    return history
 
 
 def evaluate_run(cfg: FinetuneConfig, run_dir: Path, val=None) -> dict:
-    """Score the merged model of `run_dir` on the validation split; raise GateFailure when a gate is missed."""
+    """Score the merged model of `run_dir` (and the base, checkpoints, benchmarks as configured).
+
+    Writes <run>/eval/report.json, report.md, predictions.jsonl (and plots/eval_metrics.png with
+    eval.checkpoints=true) before checking gates, so a failed gate still leaves the full report.
+    Returns the tuned model's metrics. Raises GateFailure naming each gate missed.
+    """
+    from finetune.eval_report import write_report
     from finetune.generate import load_merged
     from finetune.model import resolve_device, resolve_dtype
 
+    run_dir = Path(run_dir)
     device = resolve_device(cfg.device)
     merged = Path(cfg.merge.output or run_dir / "merged")
     model, tokenizer = load_merged(merged, device, resolve_dtype(cfg.merge.dtype, device))
@@ -105,12 +251,32 @@ def evaluate_run(cfg: FinetuneConfig, run_dir: Path, val=None) -> dict:
         from finetune.data import build_datasets
 
         val = build_datasets(cfg.data, tokenizer).val
-    if len(val) == 0:
-        raise FinetuneError("no validation rows to evaluate: add a source with split: val or set data.val_fraction")
-    metrics, preds = evaluate_model(model, tokenizer, val, cfg)
-    missed = check_gates(metrics, cfg.eval.gates.active())
-    write_report(run_dir, metrics, preds, cfg.eval.gates.active(), missed)
-    log.info("eval: %s", json.dumps(metrics))
-    if missed:
-        raise GateFailure("quality gate missed:\n" + "\n".join(f"  - {m}" for m in missed))
-    return metrics
+    if val is None or len(val) == 0:
+        raise FinetuneError("no validation rows to evaluate: add a data source with split: val, or set "
+                            "data.val_fraction > 0")
+    report: dict[str, Any] = {"model": str(merged), "settings": _settings(cfg)}
+    report["metrics"], preds = evaluate_model(model, tokenizer, val, cfg)
+    if cfg.eval.tasks:
+        from finetune.eval_harness import run_benchmarks
+
+        report["benchmarks"] = {"tuned": run_benchmarks(cfg, model, tokenizer, run_dir / "eval")}
+    del model
+    _release_memory()
+    history = _compare_base(cfg, report, preds, val, tokenizer, run_dir) if cfg.eval.compare_base else []
+    if cfg.eval.checkpoints:
+        report["checkpoints"] = history + _checkpoint_history(cfg, run_dir, report["metrics"], val, tokenizer)
+    gates = cfg.eval.gates.active()
+    report["gates"], report["gates_missed"] = gates, check_gates(report["metrics"], gates)
+    write_report(run_dir, report, preds, examples=cfg.eval.examples)
+    log.info("eval: %s", json.dumps({k: round(v, 4) for k, v in report["metrics"].items()}))
+    if report["gates_missed"]:
+        raise GateFailure("quality gate missed (report: " + str(run_dir / "eval" / "report.md") + "):\n"
+                          + "\n".join(f"  - {m}" for m in report["gates_missed"]))
+    return report["metrics"]
+
+
+def _settings(cfg: FinetuneConfig) -> dict:
+    e = cfg.eval
+    decoding = f"sampled (temperature {e.temperature}, top_p {e.top_p}, seed {e.seed})" if e.do_sample else "greedy"
+    return {"decoding": decoding, "max_new_tokens": e.max_new_tokens, "batch_size": e.batch_size,
+            "constrain": e.constrain, "max_samples": e.max_samples, "compare_base": e.compare_base}

@@ -1,6 +1,8 @@
-"""finetune eval run=<run dir> [eval.gates.exact_match=0.9 ...]
+"""finetune eval run=<run dir> [eval.gates.exact_match=0.9 ...] [eval=lm_harness eval.tasks=[...]]
 
-Generates on the held-out rows with the merged model, writes <run>/eval/, exits non-zero when a gate is missed.
+Generates on the held-out rows with the merged model (and the base, for comparison), writes
+<run>/eval/report.{json,md} and predictions.jsonl, prints the tuned metrics as one JSON line, and
+exits 2 naming each gate missed.
 """
 import hydra
 from omegaconf import DictConfig
@@ -16,11 +18,13 @@ def main(cfg: DictConfig) -> None:
     with user_errors():
         typed = setup(cfg, from_run=True)
 
+        import json
         from pathlib import Path
 
         from finetune.evaluation import evaluate_run
 
-        evaluate_run(typed, Path(typed.run))
+        metrics = evaluate_run(typed, Path(typed.run))
+        print(json.dumps({"report": str(Path(typed.run) / "eval" / "report.md"), **metrics}))
 
 
 if __name__ == "__main__":

@@ -74,6 +74,6 @@ def test_merge_refuses_existing_output_then_overwrites(demo_run):
 def test_eval_gate_failure_exits_nonzero(demo_run):
     out, _ = demo_run
     res = run_cli("eval", f"run={out}", "eval.max_samples=2", "eval.max_new_tokens=8",
-                  "eval.gates.exact_match=1.01")
+                  "eval.gates.exact_match=1.0")
     assert res.returncode == 2
-    assert "eval.gates.exact_match" in res.stderr and "1.01" in res.stderr
+    assert "eval.gates.exact_match missed" in res.stderr and "threshold 1.0" in res.stderr

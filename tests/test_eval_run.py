@@ -1,0 +1,193 @@
+"""evaluate_model / evaluate_run on the embedded tiny model: loss, scoring wiring, base vs tuned, report,
+checkpoint plot, gates through the CLI. The "run" is made by hand (no training): its merged/ is the base."""
+import json
+import re
+import shutil
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import finetune.generate
+from conftest import run_cli
+from finetune.data import build_datasets
+from finetune.evaluation import GateFailure, evaluate_model, evaluate_run, target_loss
+from finetune.generate import Generation
+from finetune.paths import CONFIG_DIR
+from finetune.schema import register_configs, to_typed, validate
+
+register_configs()
+SOURCES = ("data.sources=[{path:demo:structured_train.jsonl,format:structured,split:train,max_samples:4},"
+           "{path:demo:structured_val.jsonl,format:structured,split:val,max_samples:5},"
+           "{path:demo:instruct_val.jsonl,format:messages,split:val,max_samples:3}]")
+
+
+def make_cfg(*overrides):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        raw = compose(config_name="config", overrides=["quant=none", "device=cpu", "eval.max_new_tokens=12",
+                                                       SOURCES, *overrides])
+    return raw, validate(to_typed(raw))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_dir):
+    out = tmp_path_factory.mktemp("evalrun")
+    raw, _ = make_cfg()
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(raw, resolve=True))
+    shutil.copytree(tiny_dir, out / "merged")
+    return out
+
+
+@pytest.fixture(scope="module")
+def model_and_val(tiny_dir, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    _, cfg = make_cfg()
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    return model, tiny_tokenizer, build_datasets(cfg.data, tiny_tokenizer).val
+
+
+def masked_labels(row):
+    ids = torch.tensor([row["input_ids"]])
+    return ids, torch.where(torch.tensor([row["assistant_masks"]]) > 0, ids, -100)
+
+
+def test_target_loss_equals_transformers_loss_token_weighted(model_and_val):
+    model, _, val = model_and_val
+    rows = [dict(r) for r in val][:3]
+    sums, counts = [], []
+    for r in rows:
+        ids, labels = masked_labels(r)
+        with torch.inference_mode():
+            ref = model(input_ids=ids, labels=labels).loss.item()
+        assert target_loss(model, [r])["target_loss"] == pytest.approx(ref, rel=1e-5)
+        n = int((labels[0, 1:] != -100).sum())
+        sums.append(ref * n)
+        counts.append(n)
+    batched = target_loss(model, rows, tokens_per_batch=10_000)  # one padded batch
+    one_by_one = target_loss(model, rows, tokens_per_batch=1)  # one row per forward
+    assert batched["target_loss"] == pytest.approx(sum(sums) / sum(counts), rel=1e-5)
+    assert one_by_one["target_loss"] == pytest.approx(batched["target_loss"], rel=1e-5)
+    assert batched["target_tokens"] == sum(counts)
+    assert batched["target_perplexity"] == pytest.approx(torch.tensor(batched["target_loss"]).exp().item())
+
+
+def test_each_row_is_scored_against_its_own_target(model_and_val, monkeypatch):
+    """A generator that answers every prompt with that row's target scores 1.0 everywhere; one that swaps
+    a field loses exactly that field. The prompt it sees must not already contain the reply."""
+    model, tok, val = model_and_val
+    _, cfg = make_cfg()
+    by_user = {json.loads(r["messages"])[-2]["content"]: r["target"] for r in val}
+    seen = []
+
+    def oracle(model, tokenizer, prompts, **kw):
+        out = []
+        for p in prompts:
+            text = tokenizer.decode(p)
+            assert text.endswith("<|im_start|>assistant\n")  # generation prompt, nothing of the reply
+            (target,) = [t for u, t in by_user.items() if u in text]
+            seen.append(text)
+            out.append(Generation(edit(target), 5, True))
+        return out
+
+    monkeypatch.setattr(finetune.generate, "generate", oracle)
+    edit = lambda t: t  # noqa: E731
+    metrics, preds = evaluate_model(model, tok, val, cfg)
+    assert len(seen) == len(val) == metrics["rows"] == 8
+    for name in ("exact_match", "normalized_match", "json_valid_rate", "schema_valid_rate", "field_f1", "stopped_rate"):
+        assert metrics[name] == 1.0, name
+    assert metrics["chrf"] == 100.0 and metrics["rows_structured"] == 5 and metrics["rows_text"] == 3
+    assert [p["target"] for p in preds] == [r["target"] for r in val]
+
+    edit = lambda t: re.sub(r'("age": ?)(\d)', r"\g<1>1\2", t)  # noqa: E731  one wrong field per person row
+    metrics, preds = evaluate_model(model, tok, val, cfg)
+    people = sum('"age"' in r["target"] for r in val if r["task"] == "structured")
+    gold_fields = sum(len(json.loads(r["target"])) for r in val if r["task"] == "structured")
+    assert metrics["exact_match"] == pytest.approx((8 - people) / 8)
+    assert metrics["field_recall"] == pytest.approx((gold_fields - people) / gold_fields)
+
+
+def test_schema_constrained_rows_start_as_json_and_text_rows_are_unchanged(model_and_val):
+    model, tok, val = model_and_val
+    _, free_cfg = make_cfg()
+    _, cons_cfg = make_cfg("eval.constrain=json_schema")
+    _, free = evaluate_model(model, tok, val, free_cfg)
+    _, cons = evaluate_model(model, tok, val, cons_cfg)
+    for f, c in zip(free, cons):
+        if c["task"] == "structured":
+            assert c["generated"].startswith("{"), c["generated"]
+            if c["stopped"]:  # a finished constrained value is valid by construction
+                assert c["json_valid"] == 1.0 and c["schema_valid"] == 1.0
+        else:
+            assert c["generated"] == f["generated"]
+    assert any(f["generated"] != c["generated"] for f, c in zip(free, cons) if c["task"] == "structured")
+
+
+def test_report_compares_base_and_tuned(run):
+    _, cfg = make_cfg("eval.examples=2")
+    metrics = evaluate_run(cfg, run)
+    report = json.loads((run / "eval/report.json").read_text())
+    assert report["metrics"] == metrics and report["metrics"]["rows"] == 8
+    # merged/ here IS the base: every metric must come out identical, and the change zero.
+    assert {k: v for k, v in report["delta"].items() if k != "generated_tokens_per_s"} == \
+        {k: 0.0 for k in report["delta"] if k != "generated_tokens_per_s"}
+    assert "target_loss" in report["delta"] and "field_f1" in report["delta"] and "chrf" in report["delta"]
+    preds = [json.loads(line) for line in (run / "eval/predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 8 and all(p["generated"] == p["base"]["generated"] for p in preds)
+    md = (run / "eval/report.md").read_text()
+    assert "| metric | base | tuned | change |" in md and "| exact_match |" in md
+    assert md.count("expected: ") == 4 and "### Worst" in md and ("[-" in md or "{+" in md)
+
+
+def test_gates_stop_the_run_after_the_report_is_written(run):
+    _, cfg = make_cfg("eval.compare_base=false", "eval.gates.exact_match=0.5", "eval.gates.max_target_loss=100")
+    with pytest.raises(GateFailure) as e:
+        evaluate_run(cfg, run)
+    assert "eval.gates.exact_match missed" in str(e.value) and "max_target_loss" not in str(e.value)
+    report = json.loads((run / "eval/report.json").read_text())
+    assert report["gates"] == {"exact_match": 0.5, "max_target_loss": 100.0} and len(report["gates_missed"]) == 1
+    assert "base" not in report
+
+
+def test_checkpoints_are_scored_and_plotted(run, tiny_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    for step, seed in ((2, 1), (4, 2)):
+        torch.manual_seed(seed)
+        base = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+        # init_lora_weights=False: random B, so each checkpoint really changes the model
+        peft_model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+        peft_model.save_pretrained(run / f"checkpoints/checkpoint-{step}")
+    shutil.copytree(run / "checkpoints/checkpoint-4", run / "adapter", dirs_exist_ok=True)
+    _, cfg = make_cfg("eval.checkpoints=true")
+    evaluate_run(cfg, run)
+    report = json.loads((run / "eval/report.json").read_text())
+    steps = [h["step"] for h in report["checkpoints"]]
+    assert steps == [0, 2, 4]
+    losses = [h["metrics"]["target_loss"] for h in report["checkpoints"]]
+    assert losses[0] == report["base"]["target_loss"] and losses[1] != losses[0]  # checkpoint-2 really merged
+    # checkpoint-4 holds the run's adapter (the one merged/ came from): its step reuses the tuned metrics
+    assert report["checkpoints"][-1]["metrics"] == report["metrics"]
+    png = run / "plots/eval_metrics.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert "../plots/eval_metrics.png" in (run / "eval/report.md").read_text()
+
+
+def test_cli_gate_miss_exits_2_naming_gate_threshold_and_value(run):
+    res = run_cli("eval", f"run={run}", "eval.compare_base=false", "eval.max_new_tokens=4",
+                  "eval.gates.json_valid_rate=0.98", "eval.gates.stopped_rate=0")
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "eval.gates.json_valid_rate missed: json_valid_rate = 0.0000 < threshold 0.98" in res.stderr
+    assert "stopped_rate" not in res.stderr.split("quality gate missed")[1]
+    assert "Traceback" not in res.stderr
+
+
+def test_sampling_is_opt_in_and_seeded(model_and_val):
+    model, tok, val = model_and_val
+    _, greedy = make_cfg()
+    _, sampled = make_cfg("eval.do_sample=true", "eval.temperature=1.5", "eval.seed=3", "eval.loss=false")
+    texts = lambda cfg: [p["generated"] for p in evaluate_model(model, tok, val, cfg)[1]]  # noqa: E731
+    assert texts(sampled) == texts(sampled)  # same seed, same draws: tuned and base see the same luck
+    assert texts(sampled) != texts(greedy) and texts(greedy) == texts(greedy)
