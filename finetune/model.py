@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import FinetuneError
-from finetune.schema import ModelConfig, QuantConfig
+from finetune.schema import ModelConfig, PeftConfig, QuantConfig
 
 log = logging.getLogger("finetune.model")
 
@@ -111,3 +111,91 @@ def load_base_model(model_cfg: ModelConfig, quant: QuantConfig, device: str, *, 
         raise FinetuneError(f"model.name_or_path={model_cfg.name_or_path!r}: cannot load the model ({e})") from None
     log.info("loaded %s (%s, %s) on %s", model_cfg.name_or_path, quant.method if qcfg else "unquantized", dtype, device)
     return model
+
+
+def load_architecture(cfg: ModelConfig) -> dict[str, Any]:
+    """Architecture numbers for the memory plan: `model.architecture`, else the model's config.json.
+
+    Only config.json is read (a few KB), never the weights, so the plan works for a Hub model that is not
+    downloaded; offline, the shipped model configs carry the numbers.
+
+    Raises:
+        FinetuneError: neither source is available.
+    """
+    if cfg.architecture:
+        return dict(cfg.architecture)
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_path(cfg), **_hub_kwargs(cfg))
+    except (OSError, ValueError) as e:
+        raise FinetuneError(
+            f"model.name_or_path={cfg.name_or_path!r}: no model.architecture in the config and config.json cannot "
+            f"be read ({str(e).splitlines()[0]}); add the numbers (hidden_size, num_hidden_layers, ...) to "
+            "model.architecture"
+        ) from None
+    return config.get_text_config().to_dict()
+
+
+def module_names(model) -> tuple[list[str], list[str]]:
+    """(linear layer names, all module names) of `model`, as the last component peft matches against.
+
+    bitsandbytes' Linear4bit / Linear8bitLt subclass nn.Linear, so quantized layers count as linear.
+    """
+    import torch
+
+    linear, every = set(), set()
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        if not leaf.isdigit():  # "layers.0" is a container index, not a name anyone targets
+            every.add(leaf)
+        if isinstance(module, torch.nn.Linear):
+            linear.add(leaf)
+    return sorted(linear), sorted(every)
+
+
+def target_module_problems(model, peft: PeftConfig, model_name: str) -> list[str]:
+    """Names in peft.target_modules / peft.modules_to_save that `model` does not have, each naming the key and
+    the modules it does have. peft matches a name against the end of each module path (`q_proj` hits
+    `model.layers.0.self_attn.q_proj`); its own error names neither the key nor the alternatives."""
+    linear, every = module_names(model)
+    problems = []
+    if peft.target_modules != "all-linear":
+        for name in peft.target_modules:
+            if name.rsplit(".", 1)[-1] not in linear:
+                problems.append(f"peft.target_modules: {name!r} is not a linear layer of {model_name}; "
+                                f"its linear layers are: {', '.join(linear)}")
+    for name in peft.modules_to_save or ():
+        if name.rsplit(".", 1)[-1] not in every:
+            problems.append(f"peft.modules_to_save: {name!r} is not a module of {model_name}; "
+                            f"its modules are: {', '.join(every)}")
+    return problems
+
+
+def check_target_modules(model, peft: PeftConfig, model_name: str) -> None:
+    """Raise ConfigError listing every `target_module_problems`."""
+    from finetune.errors import ConfigError
+
+    problems = target_module_problems(model, peft, model_name)
+    if problems:
+        raise ConfigError(problems)
+
+
+def target_module_problems_from_config(cfg: ModelConfig, peft: PeftConfig) -> list[str]:
+    """`target_module_problems` on a weightless copy of the model built from its config.json, so a wrong
+    module name fails in seconds instead of after loading gigabytes. Empty when config.json cannot be read
+    (e.g. offline with a Hub model that is not cached): the check after loading still runs."""
+    if peft.target_modules == "all-linear" and not peft.modules_to_save:
+        return []
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(model_path(cfg), **_hub_kwargs(cfg))
+    except (OSError, ValueError):
+        return []
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    return target_module_problems(skeleton, peft, cfg.name_or_path)

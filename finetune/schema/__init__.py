@@ -18,7 +18,7 @@ from finetune.schema.eval import EvalConfig, EvalGates
 from finetune.schema.export import ExportConfig
 from finetune.schema.generate import GenerateConfig
 from finetune.schema.merge import MergeConfig
-from finetune.schema.train import TrainConfig
+from finetune.schema.train import CUDA_OPTIMIZERS, TrainConfig
 
 __all__ = [
     "FinetuneConfig", "ModelConfig", "QuantConfig", "PeftConfig", "DataConfig", "SourceConfig",
@@ -67,13 +67,23 @@ def to_typed(cfg: Any) -> FinetuneConfig:
     return OmegaConf.to_object(cfg)
 
 
+def _cuda_possible(device: str) -> bool:
+    # Importing torch costs ~2 s, so it is asked only when a CUDA-only option meets device=auto.
+    if device != "auto":
+        return device == "cuda"
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def cross_field_problems(cfg: FinetuneConfig) -> list[str]:
     """Problems that involve more than one group."""
     out = []
     if cfg.device not in ("auto", "cpu", "cuda"):
         out.append(f"device={cfg.device!r}: use auto, cpu or cuda")
-    if cfg.device == "cpu" and cfg.train.optim in ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"):
-        out.append(f"train.optim={cfg.train.optim!r} needs CUDA (bitsandbytes optimizers); on CPU use adamw_torch")
+    if cfg.train.optim in CUDA_OPTIMIZERS and not _cuda_possible(cfg.device):
+        out.append(f"train.optim={cfg.train.optim!r} needs CUDA (bitsandbytes optimizers), and device={cfg.device} "
+                   "has none; use train.optim=adamw_torch")
     if cfg.peft.use_dora and cfg.quant.method == "int8":
         out.append("peft.use_dora=true with quant.method=int8: peft's DoRA does not support 8-bit layers; "
                    "use quant=nf4 or quant=none")
@@ -81,8 +91,13 @@ def cross_field_problems(cfg: FinetuneConfig) -> list[str]:
     if init.startswith("pissa") and cfg.quant.is_quantized:
         out.append("peft.init_lora_weights=pissa needs an unquantized base (quant=none); "
                    "for a 4-bit base use loftq")
-    if init == "loftq" and cfg.quant.method != "none":
-        out.append("peft.init_lora_weights=loftq quantizes the base itself: use it with quant=none")
+    if init == "loftq" and not cfg.quant.is_4bit:
+        out.append(f"peft.init_lora_weights=loftq fits the adapter to the quantization error of a 4-bit base, but "
+                   f"quant.method={cfg.quant.method!r}; use quant=nf4 (or fp4)")
+    if init == "loftq" and cfg.merge.enabled and cfg.merge.base == "original":
+        out.append("peft.init_lora_weights=loftq with merge.base=original: the adapter corrects the 4-bit base's "
+                   "error, so merging it into the original weights adds that correction twice; use "
+                   "merge.base=nf4_roundtrip")
     if cfg.merge.base == "nf4_roundtrip" and not cfg.quant.is_4bit:
         out.append(f"merge.base=nf4_roundtrip needs a 4-bit run, but quant.method={cfg.quant.method!r}; "
                    "use merge.base=original")

@@ -5,7 +5,11 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd")
+CUDA_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")  # bitsandbytes optimizers
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+# report_to targets that transformers' integrations know; TensorBoard is on by default, the others are opt-in
+# because they need an account or a server.
+REPORTERS = ("tensorboard", "wandb", "mlflow", "trackio", "comet_ml", "clearml", "swanlab")
 
 
 @dataclass
@@ -13,27 +17,32 @@ class TrainConfig:
     max_steps: int = field(default=-1, metadata={"help": "Optimizer steps; -1 = use num_train_epochs."})
     num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs when max_steps is -1."})
     learning_rate: float = 2e-4
-    per_device_train_batch_size: int = 4
+    per_device_train_batch_size: int = field(default=4, metadata={"help": "Packed rows per micro-batch."})
     per_device_eval_batch_size: int = 8
     gradient_accumulation_steps: int = 1
-    warmup_steps: float = field(default=0.03, metadata={"help": "Warmup: steps (>= 1) or a fraction of all steps (< 1)."})
-    lr_scheduler_type: str = "cosine"
+    warmup_steps: float = field(default=0.03, metadata={"help": "Warmup steps (>= 1) or a fraction of all (< 1)."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": " | ".join(SCHEDULERS)})
     weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    optim: str = "adamw_torch"
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm; 0 = no clipping."})
+    optim: str = field(default="adamw_torch", metadata={"help": "adamw_torch; 8-bit/paged AdamW need CUDA."})
     seed: int = 42
     logging_steps: int = 1
-    save_steps: int = 100
-    save_total_limit: int = 2
-    eval_steps: Optional[int] = field(default=None, metadata={"help": "Eval loss every N steps; None = at the end only."})
-    packing: bool = field(default=True, metadata={"help": "Padding-free bfd packing (trl): no padding, no cross-attention."})
+    save_steps: int = field(default=100, metadata={"help": "Checkpoint every N steps (and always at the end)."})
+    save_total_limit: int = field(default=2, metadata={"help": "Keep the last K checkpoints."})
+    eval_steps: Optional[int] = field(default=None, metadata={"help": "Eval loss every N steps (and at the end)."})
+    packing: bool = field(default=True, metadata={"help": "Padding-free bfd packing (trl), no cross-attention."})
     gradient_checkpointing: Optional[bool] = field(
-        default=None, metadata={"help": "None = on for quantized models on GPU, off on CPU."}
+        default=None, metadata={"help": "None = on for quantized models on GPU, off otherwise."}
     )
-    neftune_noise_alpha: Optional[float] = None
+    neftune_noise_alpha: Optional[float] = field(default=None, metadata={"help": "NEFTune noise (e.g. 5); null = off."})
     dataloader_num_workers: int = 0
-    report_to: List[str] = field(default_factory=list, metadata={"help": "e.g. [tensorboard], [wandb], [mlflow]."})
-    resume: str = field(default="auto", metadata={"help": "auto | never | <checkpoint dir>"})
+    report_to: List[str] = field(
+        default_factory=lambda: ["tensorboard"],
+        metadata={"help": "Loggers besides metrics.jsonl: tensorboard (default), wandb, mlflow, ...; [] = none."},
+    )
+    resume: str = field(default="auto", metadata={
+        "help": "auto (continue from the last complete checkpoint of this run directory, if any) | never | "
+                "<checkpoint dir or run dir>"})
     plan_only: bool = field(default=False, metadata={"help": "Print the memory plan and exit."})
 
     def problems(self) -> list[str]:
@@ -50,10 +59,27 @@ class TrainConfig:
                 out.append(f"train.{key}={getattr(self, key)}: must be a positive integer")
         if self.eval_steps is not None and self.eval_steps <= 0:
             out.append(f"train.eval_steps={self.eval_steps}: must be positive, or null for end-only eval")
-        if self.warmup_steps < 0:
+        if self.warmup_steps < 0 or (self.warmup_steps >= 1 and self.warmup_steps != int(self.warmup_steps)):
             out.append(f"train.warmup_steps={self.warmup_steps}: use a step count >= 1 or a fraction in [0, 1)")
         if self.optim not in OPTIMIZERS:
             out.append(f"train.optim={self.optim!r}: unknown optimizer; use one of {', '.join(OPTIMIZERS)}")
         if self.lr_scheduler_type not in SCHEDULERS:
             out.append(f"train.lr_scheduler_type={self.lr_scheduler_type!r}: use one of {', '.join(SCHEDULERS)}")
+        if self.weight_decay < 0:
+            out.append(f"train.weight_decay={self.weight_decay}: must be >= 0")
+        if self.max_grad_norm < 0:
+            out.append(f"train.max_grad_norm={self.max_grad_norm}: must be >= 0 (0 turns clipping off)")
+        if self.seed < 0:
+            out.append(f"train.seed={self.seed}: must be >= 0")
+        if self.neftune_noise_alpha is not None and self.neftune_noise_alpha <= 0:
+            out.append(f"train.neftune_noise_alpha={self.neftune_noise_alpha}: must be positive (the paper uses "
+                       "5-15), or null for no noise")
+        if self.dataloader_num_workers < 0:
+            out.append(f"train.dataloader_num_workers={self.dataloader_num_workers}: must be >= 0")
+        unknown = [r for r in self.report_to if r not in REPORTERS]
+        if unknown:
+            out.append(f"train.report_to has {unknown}: use a list of {', '.join(REPORTERS)} (or [] for "
+                       "metrics.jsonl only)")
+        if not self.resume.strip():
+            out.append("train.resume is empty: use auto, never, or a checkpoint / run directory")
         return out
