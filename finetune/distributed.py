@@ -6,10 +6,12 @@ loads, and answers "am I the process that writes files?".
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import importlib.util
 import os
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Iterator, Mapping
 
 FLOAT_STORAGE = ("bfloat16", "float16", "float32")
 
@@ -73,3 +75,37 @@ def launch_problems(*, launch: Launch, per_device_batch: int, grad_accum: int, g
             "`pip install 'finetune[deepspeed]'` on a CUDA machine, or launch with the DDP/FSDP configs"
         )
     return out
+
+
+@contextlib.contextmanager
+def main_process_first(device: str) -> Iterator[None]:
+    """Rank 0 runs the block first (e.g. preprocessing into the cache), the others after it finished."""
+    if launch_info().world_size <= 1:
+        yield
+        return
+    from accelerate import PartialState
+
+    # cpu=True on CPU: the Trainer builds the same (singleton) state with use_cpu=True and gloo later.
+    with PartialState(cpu=device == "cpu").main_process_first():
+        yield
+
+
+def trainable_checksum(model) -> str:
+    """SHA-256 over the trainable parameters (names and bytes): equal on every rank iff the ranks agree."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        if p.requires_grad:
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def gather_strings(value: str) -> list[str]:
+    """`value` from every rank (a one-element list when not distributed)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return [str(v) for v in out]

@@ -74,6 +74,7 @@ def quantization_config(quant: QuantConfig, compute_dtype):
     """bitsandbytes config for the quant group, or None for a plain 16-bit/fp32 base."""
     if not quant.is_quantized:
         return None
+    import torch
     from transformers import BitsAndBytesConfig
 
     if quant.method == "int8":
@@ -83,8 +84,8 @@ def quantization_config(quant: QuantConfig, compute_dtype):
         bnb_4bit_quant_type=quant.method,
         bnb_4bit_use_double_quant=quant.double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
-        # Keep the 4-bit storage in the compute dtype so FSDP can shard it alongside the other params.
-        bnb_4bit_quant_storage=compute_dtype,
+        # uint8 unless set: FSDP needs a float storage dtype (quant=nf4_fsdp) to shard 4-bit weights.
+        bnb_4bit_quant_storage=getattr(torch, quant.storage_dtype or "uint8"),
     )
 
 

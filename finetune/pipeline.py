@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from pathlib import Path
 
 from finetune.errors import ConfigError, FinetuneError
@@ -14,13 +13,20 @@ log = logging.getLogger("finetune")
 
 
 def prepare_data(cfg: FinetuneConfig, run_dir: Path):
-    """Tokenizer + preprocessed splits; writes data/stats.json."""
+    """Tokenizer + preprocessed splits; writes data/stats.json.
+
+    Under a distributed launch rank 0 preprocesses first and fills the cache; the other ranks wait for
+    it and then read the cache, so the data is built once.
+    """
     from finetune.data import build_datasets, write_stats
+    from finetune.distributed import is_main_process, main_process_first
     from finetune.model import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
-    splits = build_datasets(cfg.data, tokenizer)
-    write_stats(splits.stats, run_dir)
+    with main_process_first(cfg.device):
+        splits = build_datasets(cfg.data, tokenizer)
+    if is_main_process():
+        write_stats(splits.stats, run_dir)
     return tokenizer, splits
 
 
@@ -75,11 +81,16 @@ def preflight(cfg: FinetuneConfig) -> None:
     Raises:
         ConfigError: a CUDA-only option without CUDA, a logger that is not installed, an unknown module.
     """
+    from finetune.distributed import launch_info, launch_problems
     from finetune.model import resolve_device, target_module_problems_from_config
     from finetune.train import environment_problems
 
     device = resolve_device(cfg.device)
-    problems = environment_problems(cfg, device) + target_module_problems_from_config(cfg.model, cfg.peft)
+    problems = launch_problems(
+        launch=launch_info(), per_device_batch=cfg.train.per_device_train_batch_size,
+        grad_accum=cfg.train.gradient_accumulation_steps, global_batch=cfg.train.global_batch_size,
+        quant_method=cfg.quant.method, storage_dtype=cfg.quant.storage_dtype, deepspeed_config=cfg.train.deepspeed)
+    problems += environment_problems(cfg, device) + target_module_problems_from_config(cfg.model, cfg.peft)
     if problems:
         raise ConfigError(problems)
 
@@ -90,6 +101,7 @@ def run_training(cfg: FinetuneConfig, run_dir: Path) -> dict:
     Prints and returns the one-line JSON run summary.
     """
     from finetune.checkpoint import step_of, trim_metrics
+    from finetune.distributed import is_main_process
     from finetune.train import train
 
     run_dir = Path(run_dir)
@@ -97,12 +109,12 @@ def run_training(cfg: FinetuneConfig, run_dir: Path) -> dict:
     resume_from = resolve_resume(cfg, run_dir)
     planned = _log_plan(cfg)
     if resume_from is not None:
-        dropped = trim_metrics(run_dir / "metrics.jsonl", step_of(resume_from))
+        dropped = trim_metrics(run_dir / "metrics.jsonl", step_of(resume_from)) if is_main_process() else 0
         log.info("resuming from %s (step %d; %d metrics records past it dropped)", resume_from,
                  step_of(resume_from), dropped)
     tokenizer, splits = prepare_data(cfg, run_dir)
     result = train(cfg, splits, tokenizer, run_dir, resume_from=resume_from)
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun/accelerate only rank 0 plots, merges, evaluates
+    if not is_main_process():  # under torchrun/accelerate only rank 0 plots, merges, evaluates
         return {"run_dir": str(run_dir), "steps": result.steps}
     summary = {
         "run_dir": str(run_dir),
@@ -116,6 +128,8 @@ def run_training(cfg: FinetuneConfig, run_dir: Path) -> dict:
         "peak_memory_mb": result.peak_memory_mb,
         "planned_memory_gib": round(planned.total / 2**30, 2) if planned else None,
         "adapter": str(result.adapter_dir),
+        "processes": len(result.rank_checksums),
+        "rank_adapter_sha256": [c[:16] for c in result.rank_checksums],  # equal on every DDP rank (checked)
         "loss_plot": _plot(cfg, run_dir),
     }
     if cfg.merge.enabled:

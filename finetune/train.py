@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -33,6 +33,7 @@ class TrainResult:
     resumed_from: Path | None = None
     label_tokens_per_s: float | None = None
     peak_memory_mb: float | None = None
+    rank_checksums: list[str] = field(default_factory=list)  # SHA-256 of the adapter on each process
 
 
 class TrainingStopped(FinetuneError):
@@ -108,8 +109,13 @@ def sft_config(cfg: FinetuneConfig, run_dir: Path, device: str, has_eval: bool):
     import torch
     from trl import SFTConfig
 
+    from finetune.distributed import launch_info
+
     t = cfg.train
     dtype = resolve_dtype(cfg.quant.compute_dtype, device)
+    accumulation = t.gradient_accumulation_steps
+    if t.global_batch_size is not None:  # divisibility was checked in preflight
+        accumulation = t.global_batch_size // (launch_info().world_size * t.per_device_train_batch_size)
     return SFTConfig(
         output_dir=str(run_dir / "checkpoints"),
         max_steps=t.max_steps,
@@ -117,7 +123,7 @@ def sft_config(cfg: FinetuneConfig, run_dir: Path, device: str, has_eval: bool):
         learning_rate=t.learning_rate,
         per_device_train_batch_size=t.per_device_train_batch_size,
         per_device_eval_batch_size=t.per_device_eval_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        gradient_accumulation_steps=accumulation,
         warmup_steps=t.warmup_steps,
         lr_scheduler_type=t.lr_scheduler_type,
         weight_decay=t.weight_decay,
@@ -134,6 +140,9 @@ def sft_config(cfg: FinetuneConfig, run_dir: Path, device: str, has_eval: bool):
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         use_cpu=device == "cpu",  # under torchrun on CPU, ranks silently train apart without it
+        # Every LoRA parameter takes part in each forward, so DDP need not search the graph for unused ones.
+        ddp_find_unused_parameters=False,
+        deepspeed=t.deepspeed,
         activation_checkpointing=use_gradient_checkpointing(cfg, device),  # 5.24's name for gradient_checkpointing
         neftune_noise_alpha=t.neftune_noise_alpha,
         dataloader_num_workers=t.dataloader_num_workers,
@@ -349,12 +358,28 @@ def train(cfg: FinetuneConfig, splits, tokenizer, run_dir: Path, *, resume_from:
         label_tokens_per_s=round(sum(rates) / len(rates), 1) if rates else None,
         peak_memory_mb=round(peak_memory_mb(), 1),
     )
+    result.rank_checksums = check_ranks_agree(trainer)
     save_adapter(trainer, cfg, run_dir, {"steps": result.steps,
                                          "resumed_from": str(resume_from) if resume_from else None})
     log.info("trained %d steps in %.1fs; loss %s -> %s; peak memory %.0f MB", result.steps, seconds,
              result.first_loss, result.last_loss, result.peak_memory_mb)
     del trainer
     return result
+
+
+def check_ranks_agree(trainer) -> list[str]:
+    """Every DDP rank must end with the same adapter. If they differ, the ranks trained apart (on a CPU
+    machine, torchrun without use_cpu=True does that with no error), so stop before anything is saved."""
+    from finetune.distributed import gather_strings, launch_info, trainable_checksum
+
+    sums = gather_strings(trainable_checksum(trainer.model))
+    if launch_info().engine == "ddp" and len(set(sums)) > 1:
+        raise FinetuneError(
+            f"the {len(sums)} processes ended with different adapter weights (checksums "
+            f"{', '.join(x[:12] for x in sums)}): gradients were not synchronised, so the run is not one "
+            "data-parallel run. Check the launcher and device settings (on CPU: device=cpu)."
+        )
+    return sums
 
 
 def _close_tensorboard(trainer) -> None:

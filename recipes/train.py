@@ -39,12 +39,14 @@ def main(cfg: DictConfig) -> None:
             return
         out = run_dir()
 
+        from finetune.distributed import is_main_process
         from finetune.pipeline import preflight, resolve_resume, run_training
         from finetune.train import TrainingStopped
 
         preflight(typed)  # refused settings, or a refused resume, must not overwrite the run's config.yaml
         resolve_resume(typed, out)
-        save_resolved_config(cfg, out / "config.yaml")
+        if is_main_process():  # under torchrun/accelerate only rank 0 writes into the run directory
+            save_resolved_config(cfg, out / "config.yaml")
         try:
             run_training(typed, out)
         except TrainingStopped as stop:

@@ -87,3 +87,13 @@ def test_constrained_decoding_requires_schema_key_order():
         validate(cfg)
     assert "data.structured.key_order='sorted'" in str(err.value)
     validate(to_typed(compose_cfg(["generate.constrain=json_schema"])))  # schema order (default) is fine
+
+
+def test_shipped_accelerate_configs_load_with_accelerate():
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    files = sorted((CONFIG_DIR / "accelerate").glob("*.yaml"))
+    assert {f.stem for f in files} >= {"ddp", "fsdp", "fsdp_qlora", "deepspeed_zero2", "deepspeed_zero3"}
+    for f in files:
+        cfg = ClusterConfig.from_yaml_file(str(f))  # rejects unknown keys
+        assert cfg.num_processes >= 1

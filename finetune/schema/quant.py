@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 QUANT_METHODS = ("nf4", "fp4", "int8", "none")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+STORAGE_DTYPES = ("uint8", "bfloat16", "float16", "float32")
 
 
 @dataclass
@@ -13,6 +15,11 @@ class QuantConfig:
     double_quant: bool = field(default=True, metadata={"help": "Quantize the 4-bit scales too (saves ~0.4 bit/param)."})
     compute_dtype: str = field(
         default="auto", metadata={"help": "auto = bfloat16 on CUDA, float32 on CPU (bf16 is 2-3x slower on CPU)."}
+    )
+    storage_dtype: Optional[str] = field(
+        default=None,
+        metadata={"help": "Tensor dtype the packed 4-bit weights are stored in; null = bitsandbytes' uint8. FSDP "
+                          "needs the compute dtype (bfloat16) here to shard them with the other parameters."},
     )
 
     @property
@@ -29,4 +36,8 @@ class QuantConfig:
             out.append(f"quant.method={self.method!r}: use one of {', '.join(QUANT_METHODS)}")
         if self.compute_dtype not in DTYPES:
             out.append(f"quant.compute_dtype={self.compute_dtype!r}: use one of {', '.join(DTYPES)}")
+        if self.storage_dtype is not None and self.storage_dtype not in STORAGE_DTYPES:
+            out.append(f"quant.storage_dtype={self.storage_dtype!r}: use null or one of {', '.join(STORAGE_DTYPES)}")
+        if self.storage_dtype is not None and not self.is_4bit:
+            out.append(f"quant.storage_dtype applies to 4-bit quantization only (quant.method={self.method!r})")
         return out

@@ -44,9 +44,16 @@ class TrainConfig:
         "help": "auto (continue from the last complete checkpoint of this run directory, if any) | never | "
                 "<checkpoint dir or run dir>"})
     plan_only: bool = field(default=False, metadata={"help": "Print the memory plan and exit."})
+    global_batch_size: Optional[int] = field(default=None, metadata={
+        "help": "Rows per optimizer step over all processes; sets gradient_accumulation_steps = global / (world "
+                "size x per_device_train_batch_size). null = use gradient_accumulation_steps as given."})
+    deepspeed: Optional[str] = field(default=None, metadata={
+        "help": "DeepSpeed JSON config (TrainingArguments.deepspeed); or launch with an accelerate DeepSpeed config."})
 
     def problems(self) -> list[str]:
         out = []
+        if self.global_batch_size is not None and self.global_batch_size <= 0:
+            out.append(f"train.global_batch_size={self.global_batch_size}: must be positive (or null)")
         if self.max_steps == 0 or self.max_steps < -1:
             out.append(f"train.max_steps={self.max_steps}: use a positive number of steps, or -1 for epochs")
         if self.max_steps == -1 and self.num_train_epochs <= 0:
