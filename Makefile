@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-all bench clean
+.PHONY: setup demo test test-all test-llamacpp bench clean
 
 setup: $(STAMP)
 
@@ -15,7 +15,7 @@ TORCH_INDEX ?=
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -c constraints.txt torch $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(BIN)/pip install -q -c constraints.txt -e '.[test,eval]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[test,eval,export]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -23,6 +23,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# llama.cpp reads our GGUF exports back. llama-cpp-python compiles on install (10-19 min on 2 cores; pip
+# caches the wheel afterwards), so these tests have their own target.
+test-llamacpp: $(STAMP)
+	$(BIN)/pip install -q -c constraints.txt -e '.[test,export,llamacpp]'
+	$(BIN)/python -m pytest -q -m llamacpp
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ''

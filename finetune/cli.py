@@ -21,6 +21,7 @@ RECIPES = {
     "merge": "merge a run's adapter into its base: run=<run dir>",
     "eval": "generate on held-out rows, score, gate: run=<run dir>",
     "generate": "generate replies for a prompts file (or the val split): run=<run dir>",
+    "export": "GGUF file + Ollama Modelfile of a run's merged model, read back by llama.cpp: run=<run dir>",
 }
 
 USAGE = """usage: finetune <recipe> [hydra overrides]
