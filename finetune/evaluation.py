@@ -268,6 +268,10 @@ def evaluate_run(cfg: FinetuneConfig, run_dir: Path, val=None) -> dict:
     gates = cfg.eval.gates.active()
     report["gates"], report["gates_missed"] = gates, check_gates(report["metrics"], gates)
     write_report(run_dir, report, preds, examples=cfg.eval.examples)
+    if (merged / "README.md").is_file():  # the merged model's card carries the metrics just measured
+        from finetune.model_card import write_model_card
+
+        write_model_card(merged, run_dir)
     log.info("eval: %s", json.dumps({k: round(v, 4) for k, v in report["metrics"].items()}))
     if report["gates_missed"]:
         raise GateFailure("quality gate missed (report: " + str(run_dir / "eval" / "report.md") + "):\n"

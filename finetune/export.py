@@ -13,7 +13,6 @@ Order of work, so that a problem surfaces before anything is written and nothing
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -45,23 +44,6 @@ def _check_space(folder: Path, nbytes: int) -> None:
     if free < nbytes * 1.05 + (64 << 20):  # the file plus 5% and 64 MB for the Modelfile/json and the filesystem
         raise FinetuneError(f"{folder}: {free / 2**30:.2f} GiB free, the GGUF file needs about {nbytes / 2**30:.2f} "
                             "GiB; free some space or set export.output= to another disk")
-
-
-def _publish(tmp: Path, output: Path) -> None:
-    """Rename the finished folder into place; an existing one is removed only after the new one is there."""
-    umask = os.umask(0)
-    os.umask(umask)
-    # mkdtemp/mkstemp (write_json_atomic) make private 0700/0600 entries; the artifact gets the usual modes.
-    os.chmod(tmp, 0o777 & ~umask)
-    for f in tmp.iterdir():
-        os.chmod(f, 0o666 & ~umask)
-    old = None
-    if output.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-        os.replace(output, old / output.name)
-    os.replace(tmp, output)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _paths(cfg: FinetuneConfig, run_dir: Optional[Path]) -> tuple[Path, Path]:
@@ -107,7 +89,7 @@ def export_gguf(cfg: FinetuneConfig, run_dir: Optional[Path] = None) -> Path:
     from finetune.export_ollama import write_modelfile
     from finetune.export_verify import llama_cpp_available, verification_conversations, verify_gguf
     from finetune.generate import stop_token_ids
-    from finetune.runs import write_json_atomic
+    from finetune.runs import publish_folder, write_json_atomic
 
     e = cfg.export
     model_dir, output = _paths(cfg, run_dir)
@@ -151,7 +133,7 @@ def export_gguf(cfg: FinetuneConfig, run_dir: Optional[Path] = None) -> Path:
         else:
             report["verification"] = {"skipped": "export.verify=none" if reader == "none" else "export.verify_prompts=0"}
         write_json_atomic(tmp / "export.json", report)
-        _publish(tmp, output)
+        publish_folder(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,12 +1,19 @@
-"""Fast generation: batched, left-padded, length-sorted, KV cache, stops at the end-of-turn token."""
+"""Fast generation: batched, left-padded, length-sorted, KV cache, stops at the end-of-turn token.
+
+`generate()` is the one decoding loop of the project (eval, merge parity, `finetune generate`); it calls
+transformers' `model.generate` per batch. `generate_run()` is the `finetune generate` command: prompts
+from a jsonl file (or the run's val split) or an interactive chat, the merged model by default, results
+as jsonl, optionally constrained to each row's JSON schema.
+"""
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Optional, Sequence
 
-from finetune.errors import FinetuneError
+from finetune.errors import DataError, FinetuneError
 
 log = logging.getLogger("finetune.generate")
 
@@ -16,13 +23,35 @@ class Generation:
     text: str
     new_tokens: int
     stopped: bool  # ended at an end-of-turn / eos token (not cut by max_new_tokens)
+    token_ids: list[int] = field(default_factory=list)  # the generated ids, stop token excluded
 
 
-def stop_token_ids(tokenizer, model=None) -> list[int]:
-    """eos ids to stop on: the model's generation_config eos ids plus the chat end-of-turn token."""
+def end_of_turn_id(tokenizer) -> Optional[int]:
+    """The special token the chat template writes right after an assistant reply (<|im_end|> for ChatML).
+
+    Found by rendering a one-turn conversation, so it works for any template (Llama 3's <|eot_id|>,
+    Gemma's <end_of_turn>, ...), not only ChatML.
+    """
+    sentinel = "Zq7Zq7"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"},
+                                              {"role": "assistant", "content": sentinel}], tokenize=False)
+    except Exception:  # no template, or a template that refuses this conversation
+        text = ""
+    tail = text[text.find(sentinel) + len(sentinel):] if sentinel in text else ""
+    special = set(tokenizer.all_special_ids)
+    for tok in tokenizer(tail, add_special_tokens=False)["input_ids"]:
+        if tok in special:
+            return tok
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    return im_end if isinstance(im_end, int) and im_end != tokenizer.unk_token_id else None
+
+
+def stop_token_ids(tokenizer, model=None, *, generation_config=None) -> list[int]:
+    """eos ids to stop on: the generation config's eos ids, the tokenizer's eos and the end-of-turn token."""
+    gen = generation_config or getattr(model, "generation_config", None)
     ids: list[int] = []
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for value in (gen_eos, tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")):
+    for value in (getattr(gen, "eos_token_id", None), tokenizer.eos_token_id, end_of_turn_id(tokenizer)):
         for i in value if isinstance(value, (list, tuple)) else [value]:
             if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id and i not in ids:
                 ids.append(i)
@@ -40,13 +69,15 @@ def generate(
     temperature: float = 1.0,
     top_p: float = 1.0,
     top_k: int = 50,
-    logits_processor_factory=None,
+    logits_processor_factory: Optional[Callable[[list[int]], Any]] = None,
+    streamer=None,
 ) -> list[Generation]:
     """Generate a reply for each tokenized prompt; results come back in input order.
 
-    Prompts are sorted by length so each batch pads little, and left-padded so every row's next
-    token sits in the last column. `logits_processor_factory(indices)` may return processors for the
-    rows of a batch (schema-constrained decoding uses that).
+    Prompts are sorted by length so each batch pads little, and left-padded so every row's next token
+    sits in the last column. `logits_processor_factory(indices)` returns the processors for the prompts
+    `indices` of one batch (schema-constrained decoding uses that). `streamer` (a transformers
+    TextStreamer) prints tokens as they come; it needs batch_size=1.
     """
     import torch
 
@@ -56,7 +87,7 @@ def generate(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stops = stop_token_ids(tokenizer, model)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    results: list[Generation | None] = [None] * len(prompts)
+    results: list[Optional[Generation]] = [None] * len(prompts)
     model.eval()
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
@@ -64,14 +95,13 @@ def generate(
         ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(idx), width), dtype=torch.long)
         for row, i in enumerate(idx):
-            p = prompts[i]
-            ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
-            mask[row, width - len(p):] = 1
-        kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, eos_token_id=stops,
-                      pad_token_id=pad_id, use_cache=True)
+            ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i], dtype=torch.long)
+            mask[row, width - len(prompts[i]):] = 1
+        kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, eos_token_id=stops,
+                                      pad_token_id=pad_id, use_cache=True, streamer=streamer)
         if do_sample:
             kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
-        else:
+        else:  # explicit None: the model's generation_config may carry sampling defaults
             kwargs.update(temperature=None, top_p=None, top_k=None)
         if logits_processor_factory is not None:
             kwargs["logits_processor"] = logits_processor_factory(idx)
@@ -84,7 +114,7 @@ def generate(
                 if tok in stops:
                     new, stopped = new[:k], True
                     break
-            results[i] = Generation(tokenizer.decode(new, skip_special_tokens=True), len(new), stopped)
+            results[i] = Generation(tokenizer.decode(new, skip_special_tokens=True), len(new), stopped, new)
     return results  # type: ignore[return-value]
 
 
@@ -98,59 +128,216 @@ def load_merged(path: Path, device: str, dtype):
     return model, AutoTokenizer.from_pretrained(path)
 
 
-def read_prompts(path: Path) -> list[list[dict]]:
-    """Conversations from a jsonl file of {"messages": [...]} or {"prompt": "..."} rows."""
-    import json
+@dataclass
+class PromptRow:
+    messages: list[dict]
+    schema: Optional[dict] = None  # JSON schema for constrain=json_schema
+    extra: dict = field(default_factory=dict)  # other fields of the input row (ids, ...), copied to the output
+    origin: str = ""  # file:line
 
+
+def _parse_row(row: Any, where: str) -> PromptRow:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object with 'messages' (list) or 'prompt' (string)")
+    if isinstance(row.get("prompt"), str):
+        messages = [{"role": "user", "content": row["prompt"]}]
+    elif isinstance(row.get("messages"), list) and row["messages"]:
+        messages = row["messages"]
+        for k, msg in enumerate(messages):
+            if not (isinstance(msg, dict) and isinstance(msg.get("role"), str) and isinstance(msg.get("content"), str)):
+                raise DataError(f"{where}: messages[{k}] must be an object with string 'role' and 'content'")
+    else:
+        raise DataError(f"{where}: expected 'messages' (a non-empty list) or 'prompt' (a string)")
+    schema = row.get("schema")
+    if isinstance(schema, str) and schema.strip():
+        try:
+            schema = json.loads(schema)
+        except ValueError as e:
+            raise DataError(f"{where}: 'schema' is a string but not JSON ({e.msg})") from None
+    if schema is not None and not isinstance(schema, dict):
+        schema = None if schema == "" else schema
+        if schema is not None:
+            raise DataError(f"{where}: 'schema' must be a JSON Schema object")
+    extra = {k: v for k, v in row.items() if k not in ("messages", "prompt", "schema")}
+    return PromptRow(messages, schema, extra, where)
+
+
+def read_prompts(path: Path) -> list[PromptRow]:
+    """Rows of a jsonl file of {"messages": [...]} or {"prompt": "..."} (optional "schema", other fields kept).
+
+    Raises:
+        DataError listing every bad line (file:line and what is wrong), so one run fixes them all.
+    """
     path = Path(path)
     if not path.is_file():
-        raise FinetuneError(f"generate.prompts={str(path)!r}: file not found")
-    convs = []
+        raise DataError(f"generate.prompts={str(path)!r}: file not found")
+    rows, bad = [], []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-        except ValueError as e:
-            raise FinetuneError(f"{path}:{n}: not valid JSON ({e.msg}); fix or remove the line") from None
-        if isinstance(row, dict) and isinstance(row.get("messages"), list):
-            convs.append(row["messages"])
-        elif isinstance(row, dict) and isinstance(row.get("prompt"), str):
-            convs.append([{"role": "user", "content": row["prompt"]}])
-        else:
-            raise FinetuneError(f"{path}:{n}: expected an object with 'messages' (list) or 'prompt' (string)")
-    return convs
+            rows.append(_parse_row(json.loads(line), f"{path}:{n}"))
+        except ValueError as e:  # DataError is not a ValueError; this is JSON
+            bad.append(f"{path}:{n}: not valid JSON ({getattr(e, 'msg', e)})")
+        except DataError as e:
+            bad.append(str(e))
+    if bad:
+        more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
+        raise DataError(f"{len(bad)} bad line(s) in the prompts file; fix or remove them:\n  "
+                        + "\n  ".join(bad[:10]) + more)
+    if not rows:
+        raise DataError(f"{path}: no prompts (the file is empty)")
+    return rows
 
 
-def generate_run(cfg, run_dir: Path) -> Path:
-    """`finetune generate`: prompts file (or val split) -> generations jsonl, with the merged model by default."""
-    import json
+def schema_processor_factory(tokenizer, schemas: Sequence[dict], vocab_size: int) -> Callable[[list[int]], Any]:
+    """logits_processor_factory for generate(): each batch gets a processor constraining row i to schemas[i]."""
+    from transformers import LogitsProcessorList
 
-    from finetune.data import build_datasets, render_prompt
-    from finetune.model import resolve_device, resolve_dtype
+    from finetune.constrained import check_available, json_schema_processor
+
+    check_available()
+    eot = end_of_turn_id(tokenizer)  # a complete value must end the turn, whatever tokenizer.eos_token says
+
+    def factory(indices: list[int]):
+        return LogitsProcessorList([json_schema_processor(tokenizer, [schemas[i] for i in indices], vocab_size,
+                                                          eos_token_id=eot)])
+
+    return factory
+
+
+def schema_check(text: str, schema: dict) -> dict:
+    """{"json_valid", "schema_valid"} of one output (1.0 / 0.0, like the eval metrics)."""
+    import jsonschema
+
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {"json_valid": 0.0, "schema_valid": 0.0}
+    try:
+        jsonschema.validate(value, schema)
+        return {"json_valid": 1.0, "schema_valid": 1.0}
+    except jsonschema.ValidationError:
+        return {"json_valid": 1.0, "schema_valid": 0.0}
+
+
+def load_generation_model(cfg, run_dir: Optional[Path], device: str):
+    """(model, tokenizer): the merged folder by default; the unmerged adapter with generate.use_adapter=true."""
+    from finetune.model import load_tokenizer, resolve_dtype
+
+    g = cfg.generate
+    if g.use_adapter:
+        from finetune.merge import load_adapter_model
+
+        if not (cfg.merge.adapter or run_dir):
+            raise FinetuneError("generate.use_adapter=true needs run=<run dir> or merge.adapter=<adapter dir>")
+        adapter = Path(cfg.merge.adapter or Path(run_dir) / "adapter")
+        model = load_adapter_model(cfg, adapter, device, quantize=True)  # the base as trained (4-bit for QLoRA)
+        return model, load_tokenizer(cfg.model, str(adapter))
+    if not (g.model or cfg.merge.output or run_dir):
+        raise FinetuneError("nothing to generate with: add run=<run dir> or generate.model=<merged model folder>")
+    path = Path(g.model or cfg.merge.output or Path(run_dir) / "merged")
+    return load_merged(path, device, resolve_dtype(cfg.merge.dtype if g.dtype == "auto" else g.dtype, device))
+
+
+def _prompt_rows(cfg, tokenizer, run_dir: Optional[Path], rows: Optional[list[PromptRow]]) -> list[PromptRow]:
+    """The prompts file's rows (already read), or the run's val split; plus generate.system / generate.schema."""
+    g = cfg.generate
+    if rows is None and run_dir is not None:
+        from finetune.data import build_datasets
+
+        val = build_datasets(cfg.data, tokenizer).val
+        rows = [PromptRow(json.loads(r["messages"])[:-1], json.loads(r["schema"]) if r["schema"] else None,
+                          {"origin": r["origin"], "target": r["target"]}, r["origin"]) for r in val]
+        if not rows:
+            raise FinetuneError(f"run={run_dir} has no validation rows; pass generate.prompts=<jsonl file>")
+    elif rows is None:
+        raise FinetuneError("no prompts: pass generate.prompts=<jsonl file> (or run=<run dir> for its val split)")
+    if g.system:
+        rows = [r if r.messages[0]["role"] == "system" else
+                PromptRow([{"role": "system", "content": g.system}, *r.messages], r.schema, r.extra, r.origin)
+                for r in rows]
+    if g.schema:
+        try:
+            default = json.loads(Path(g.schema).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise FinetuneError(f"generate.schema={g.schema!r}: cannot read a JSON schema ({e})") from None
+        rows = [r if r.schema is not None else PromptRow(r.messages, default, r.extra, r.origin) for r in rows]
+    return rows
+
+
+def chat(model, tokenizer, cfg, *, read: Callable[[str], str] = input, write: Callable[[str], Any] = print) -> list:
+    """generate.interactive=true: chat on the terminal, replies streamed. /reset clears, /exit or Ctrl-D ends."""
+    from transformers import TextStreamer
+
+    from finetune.data import render_prompt
+
+    g = cfg.generate
+    start = [{"role": "system", "content": g.system}] if g.system else []
+    history = list(start)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    write("chat with the model; /reset starts over, /exit (or Ctrl-D) quits")
+    while True:
+        try:
+            line = read("> ").strip()
+        except EOFError:
+            break
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            history = list(start)
+            continue
+        if not line:
+            continue
+        history.append({"role": "user", "content": line})
+        reply = generate(model, tokenizer, [render_prompt(tokenizer, history)], batch_size=1, streamer=streamer,
+                         max_new_tokens=g.max_new_tokens, do_sample=g.do_sample, temperature=g.temperature,
+                         top_p=g.top_p, top_k=g.top_k)[0]
+        history.append({"role": "assistant", "content": reply.text})
+    return history
+
+
+def generate_run(cfg, run_dir: Optional[Path] = None) -> Optional[Path]:
+    """`finetune generate`: prompts (file or val split) -> jsonl of generations; or an interactive chat.
+
+    Returns the output file (None for a chat without generate.output).
+    """
+    from transformers import set_seed
+
+    from finetune.data import render_prompt
+    from finetune.model import resolve_device
     from finetune.runs import write_text_atomic
 
     g = cfg.generate
-    device = resolve_device(cfg.device)
-    if g.use_adapter:
-        from finetune.merge import load_adapter_model
-        from transformers import AutoTokenizer
-
-        model = load_adapter_model(cfg, run_dir / "adapter", device, quantize=True)
-        tokenizer = AutoTokenizer.from_pretrained(run_dir / "adapter")
-    else:
-        model, tokenizer = load_merged(Path(cfg.merge.output or run_dir / "merged"), device,
-                                       resolve_dtype(cfg.merge.dtype, device))
-    if g.prompts:
-        convs = read_prompts(Path(g.prompts))
-    else:
-        val = build_datasets(cfg.data, tokenizer).val
-        convs = [json.loads(r)[:-1] for r in val["messages"]]
-    gens = generate(model, tokenizer, [render_prompt(tokenizer, c) for c in convs],
+    run_dir = Path(run_dir) if run_dir else None
+    rows = read_prompts(Path(g.prompts)) if g.prompts and not g.interactive else None  # bad lines before a slow load
+    model, tokenizer = load_generation_model(cfg, run_dir, resolve_device(cfg.device))
+    set_seed(g.seed)  # sampling is reproducible; greedy does not depend on it
+    if g.interactive:
+        history = chat(model, tokenizer, cfg)
+        return write_text_atomic(Path(g.output), json.dumps({"messages": history}) + "\n") if g.output else None
+    rows = _prompt_rows(cfg, tokenizer, run_dir, rows)
+    factory = None
+    if g.constrain == "json_schema":
+        missing = [r.origin for r in rows if r.schema is None]
+        if missing:
+            raise DataError(f"generate.constrain=json_schema: {len(missing)} prompt(s) have no 'schema' (first: "
+                            f"{missing[0]}); give each row a schema, or a default with generate.schema=<file.json>")
+        factory = schema_processor_factory(tokenizer, [r.schema for r in rows], model.config.vocab_size)
+    gens = generate(model, tokenizer, [render_prompt(tokenizer, r.messages) for r in rows],
                     max_new_tokens=g.max_new_tokens, batch_size=g.batch_size, do_sample=g.do_sample,
-                    temperature=g.temperature, top_p=g.top_p, top_k=g.top_k)
-    out = Path(g.output or run_dir / "generations.jsonl")
-    write_text_atomic(out, "".join(
-        json.dumps({"messages": c, "generated": x.text, "new_tokens": x.new_tokens, "stopped": x.stopped}) + "\n"
-        for c, x in zip(convs, gens)))
-    return out
+                    temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, logits_processor_factory=factory)
+    lines, invalid = [], 0
+    for r, x in zip(rows, gens):
+        out = {**r.extra, "messages": r.messages, "generated": x.text, "new_tokens": x.new_tokens, "stopped": x.stopped}
+        if r.schema is not None:
+            out.update(schema_check(x.text, r.schema))
+            invalid += out["schema_valid"] < 1
+        lines.append(json.dumps(out, ensure_ascii=False) + "\n")
+    if invalid and g.constrain == "json_schema":
+        log.warning("%d of %d constrained outputs do not validate (cut by generate.max_new_tokens=%d?)",
+                    invalid, len(rows), g.max_new_tokens)
+    out_path = Path(g.output) if g.output else (run_dir or Path(g.model or ".").parent) / "generations.jsonl"
+    write_text_atomic(out_path, "".join(lines))
+    log.info("%d generations -> %s", len(rows), out_path)
+    return out_path

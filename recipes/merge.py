@@ -1,6 +1,9 @@
 """finetune merge run=<run dir> [merge.base=original|nf4_roundtrip] [merge.overwrite=true]
+finetune merge merge.adapter=<adapter dir> model=<its base> [merge.output=<dir>]
 
-Merges the run's adapter into its base and writes <run>/merged (or merge.output).
+Merges the adapter into its base, shard by shard, and writes <run>/merged (or merge.output): safetensors
+shards, config, tokenizer with the training chat template, generation_config (eos includes the end-of-turn
+token), README.md model card and parity.json (merged vs the adapter as trained). Prints the parity summary.
 """
 import hydra
 from omegaconf import DictConfig
@@ -14,13 +17,17 @@ register_configs()
 @hydra.main(version_base="1.3", config_path="../configs", config_name="run_task")
 def main(cfg: DictConfig) -> None:
     with user_errors():
-        typed = setup(cfg, from_run=True)
+        typed = setup(cfg, from_run=bool(cfg.get("run")))
 
+        import json
         from pathlib import Path
 
         from finetune.merge import merge_adapter
 
-        print(merge_adapter(typed, Path(typed.run)))
+        out = merge_adapter(typed, Path(typed.run) if typed.run else None)
+        parity = json.loads((out / "parity.json").read_text())
+        keys = ("greedy_token_agreement", "max_abs_logit_diff", "identical_greedy_outputs", "prompts", "ok", "warning")
+        print(json.dumps({"merged": str(out), "base": typed.merge.base, **{k: parity.get(k) for k in keys}}))
 
 
 if __name__ == "__main__":

@@ -51,6 +51,8 @@ def register_configs() -> None:
 
     # ${run_stamp:} names run directories; use_cache keeps one value for the whole process.
     OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True, replace=True)
+    # oc.select falls back only when a key is missing; `run` is always present (null by default).
+    OmegaConf.register_new_resolver("run_or", lambda run, default: run or default, replace=True)
     cs = ConfigStore.instance()
     # Group files merge into the typed nodes of this schema, so they are checked against it too.
     cs.store(name="finetune_schema", node=FinetuneConfig)

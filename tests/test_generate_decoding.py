@@ -1,0 +1,103 @@
+"""generate(): batching, stopping at the end-of-turn token, greedy vs sampling, long outputs (item 4)."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
+
+from finetune.data import render_prompt
+from finetune.generate import end_of_turn_id, generate, stop_token_ids
+
+CONVS = [[{"role": "user", "content": "Hi"}],
+         [{"role": "user", "content": "Extract the name and the age from: Ada is 36 and lives in London."}],
+         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name three colours."}],
+         [{"role": "user", "content": "ok"}]]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+
+
+class Script(LogitsProcessor):
+    """Forces row r to emit scripts[r][k] at step k (then keeps repeating the last token)."""
+
+    def __init__(self, scripts, width):
+        self.scripts, self.width = scripts, width
+
+    def __call__(self, input_ids, scores):
+        step = input_ids.shape[1] - self.width
+        out = torch.full_like(scores, float("-inf"))
+        for row, script in enumerate(self.scripts):
+            out[row, script[min(step, len(script) - 1)]] = 0.0
+        return out
+
+
+def test_batched_length_sorted_generation_equals_one_by_one_in_input_order(model, tiny_tokenizer):
+    prompts = [render_prompt(tiny_tokenizer, c) for c in CONVS]
+    assert len({len(p) for p in prompts}) == len(prompts)  # different lengths: batches are left-padded
+    batched = generate(model, tiny_tokenizer, prompts, max_new_tokens=16, batch_size=16)
+    single = generate(model, tiny_tokenizer, prompts, max_new_tokens=16, batch_size=1)
+    assert [g.token_ids for g in batched] == [g.token_ids for g in single]
+    assert [g.text for g in batched] == [g.text for g in single]
+    assert all(g.new_tokens == len(g.token_ids) > 0 for g in batched)
+
+
+def test_generation_stops_at_the_end_of_turn_token(model, tiny_tokenizer):
+    eot = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    word = tiny_tokenizer("hello", add_special_tokens=False)["input_ids"][0]
+    prompts = [render_prompt(tiny_tokenizer, c) for c in CONVS[:2]]
+    order = sorted(range(2), key=lambda i: len(prompts[i]))
+    scripts = {0: [word, word, word, eot], 1: [word] * 40}  # row 0 ends its turn after 3 tokens; row 1 never
+
+    def factory(indices):
+        return LogitsProcessorList([Script([scripts[i] for i in indices], max(len(prompts[i]) for i in indices))])
+
+    gens = generate(model, tiny_tokenizer, prompts, max_new_tokens=10, logits_processor_factory=factory)
+    assert order == [0, 1]
+    assert gens[0].stopped and gens[0].token_ids == [word] * 3 and gens[0].new_tokens == 3
+    assert "<|im_end|>" not in gens[0].text and gens[0].text == tiny_tokenizer.decode([word] * 3)
+    assert not gens[1].stopped and gens[1].new_tokens == 10  # cut by max_new_tokens
+
+
+def test_end_of_turn_token_comes_from_the_chat_template(tiny_tokenizer):
+    assert end_of_turn_id(tiny_tokenizer) == tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    other = tiny_tokenizer.__class__.from_pretrained(tiny_tokenizer.name_or_path)
+    other.chat_template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|endoftext|>"
+                           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    endoftext = other.convert_tokens_to_ids("<|endoftext|>")
+    assert end_of_turn_id(other) == endoftext  # a template whose turns end with another token
+    assert endoftext in stop_token_ids(other)
+
+
+def test_sampling_follows_the_seed_and_greedy_ignores_it(model, tiny_tokenizer):
+    from transformers import set_seed
+
+    prompts = [render_prompt(tiny_tokenizer, c) for c in CONVS]
+    kw = dict(max_new_tokens=12, do_sample=True, temperature=1.5, top_p=1.0, top_k=0)
+
+    def sample(seed):
+        set_seed(seed)
+        return [g.token_ids for g in generate(model, tiny_tokenizer, prompts, **kw)]
+
+    assert sample(1) == sample(1)
+    assert sample(1) != sample(2)
+    set_seed(3)
+    greedy = generate(model, tiny_tokenizer, prompts, max_new_tokens=12)
+    set_seed(4)
+    assert [g.token_ids for g in greedy] == [g.token_ids for g in generate(model, tiny_tokenizer, prompts,
+                                                                           max_new_tokens=12)]
+
+
+def test_max_new_tokens_is_capped_at_8192_by_the_config():
+    from finetune.schema import GenerateConfig
+
+    assert GenerateConfig(max_new_tokens=8192).problems() == []
+    assert GenerateConfig(max_new_tokens=8193).problems() == ["generate.max_new_tokens=8193: must be in 1..8192"]
+
+
+@pytest.mark.slow
+def test_8192_new_tokens_with_the_kv_cache(model, tiny_tokenizer):
+    word = tiny_tokenizer("hello", add_special_tokens=False)["input_ids"][0]
+    prompt = render_prompt(tiny_tokenizer, CONVS[0])
+    gens = generate(model, tiny_tokenizer, [prompt], max_new_tokens=8192,
+                    logits_processor_factory=lambda idx: LogitsProcessorList([Script([[word]], len(prompt))]))
+    assert gens[0].new_tokens == 8192 and not gens[0].stopped
