@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import FinetuneError
+from finetune.shards import weight_files
 
 log = logging.getLogger("finetune.export")
 
@@ -147,15 +148,6 @@ def check_tokenizer(model_dir: Path):
     return tok, PRE_TOKENIZERS[regex]
 
 
-def _weight_files(model_dir: Path) -> list[Path]:
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        return [model_dir / n for n in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    if (model_dir / "model.safetensors").is_file():
-        return [model_dir / "model.safetensors"]
-    raise FinetuneError(f"{model_dir}: no safetensors weights (model.safetensors or its index)")
-
-
 def _tensor_type(gguf, name: str, shape: tuple[int, ...], quant: str):
     """Type of one tensor, as convert_hf_to_gguf.py picks it."""
     Q = gguf.GGMLQuantizationType
@@ -181,7 +173,7 @@ def plan_gguf(model_dir: Path, quant: str) -> GGUFPlan:
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[spec.gguf_arch], config.num_hidden_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     unknown = []
-    for file in _weight_files(model_dir):
+    for file in weight_files(model_dir):
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():
                 if key.endswith(".rotary_emb.inv_freq") or (tied and key == "lm_head.weight"):

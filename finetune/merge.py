@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional
 from finetune.errors import FinetuneError
 from finetune.model_card import read_json, write_model_card
 from finetune.parity import parity_report
-from finetune.shards import ST_DTYPES, ShardWriter
+from finetune.shards import ST_DTYPES, ShardWriter, weight_files
 from finetune.model import load_base_model, model_path, resolve_device, resolve_dtype
 from finetune.schema import FinetuneConfig, ModelConfig
 
@@ -88,17 +88,6 @@ def base_checkpoint_dir(model_cfg: ModelConfig) -> Path:
     except Exception as e:  # offline, unknown repo, gated: all end here
         raise FinetuneError(f"model.name_or_path={model_cfg.name_or_path!r}: base weights not found locally or "
                             f"on the Hub ({str(e).splitlines()[0]}); pass a local folder") from None
-
-
-def weight_files(base_dir: Path) -> list[Path]:
-    """The base checkpoint's safetensors files, in index order."""
-    index = base_dir / "model.safetensors.index.json"
-    if index.is_file():
-        return [base_dir / n for n in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    if (base_dir / "model.safetensors").is_file():
-        return [base_dir / "model.safetensors"]
-    raise FinetuneError(f"{base_dir}: no safetensors weights (model.safetensors or its index); the merge streams "
-                        "safetensors only: re-save the base with save_pretrained(..., safe_serialization=True)")
 
 
 class _AdapterOnMeta:

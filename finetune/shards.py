@@ -7,6 +7,17 @@ from pathlib import Path
 
 from finetune.errors import FinetuneError
 
+def weight_files(folder: Path) -> list[Path]:
+    """A model folder's safetensors files, in index order."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return [folder / n for n in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    raise FinetuneError(f"{folder}: no safetensors weights (model.safetensors or its index); re-save the model "
+                        "with save_pretrained(..., safe_serialization=True)")
+
+
 # safetensors dtype names (the format's header spells them this way) and torch's.
 ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
               "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
