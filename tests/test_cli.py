@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_cli
+from tests.support import REPO, run_cli
 from finetune.cli import RECIPES
 
 

@@ -4,7 +4,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import run_cli
+from tests.support import run_cli
 from finetune.errors import ConfigError
 from finetune.paths import CONFIG_DIR
 from finetune.schema import FinetuneConfig, register_configs, to_typed, validate

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, run_cli
+from tests.support import REPO, run_cli
 from finetune.distributed import Launch, launch_info, launch_problems
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import run_cli
+from tests.support import run_cli
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli
+from tests.support import run_cli
 from finetune.paths import DEMO_DATA_DIR
 
 ROWS_FILE = DEMO_DATA_DIR / "structured_train.jsonl"

@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import finetune.generate
-from conftest import run_cli
+from tests.support import run_cli
 from finetune.data import build_datasets
 from finetune.evaluation import GateFailure, evaluate_model, evaluate_run, target_loss
 from finetune.generate import Generation

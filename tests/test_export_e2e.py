@@ -4,7 +4,7 @@ import json
 import gguf
 import pytest
 
-from conftest import run_cli
+from tests.support import run_cli
 
 
 @pytest.mark.slow

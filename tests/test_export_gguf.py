@@ -15,11 +15,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import run_cli
+from tests.support import run_cli
 from finetune.errors import FinetuneError
 from finetune.export import export_gguf
 from finetune.generate import generate
-from test_merge_weights import compose_config
+from tests.test_merge_weights import compose_config
 
 CHATS = [
     [{"role": "user", "content": "Give me a JSON object with a name."}, {"role": "assistant", "content": '{"name": "Ada"}'}],

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from finetune.export import export_gguf
 from finetune.generate import stop_token_ids
-from test_export_gguf import PROMPTS, _prompt_ids, export_cfg, greedy, make_run
+from tests.test_export_gguf import PROMPTS, _prompt_ids, export_cfg, greedy, make_run
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: run `make test-llamacpp`")
 pytestmark = pytest.mark.llamacpp

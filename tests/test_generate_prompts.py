@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from conftest import run_cli
+from tests.support import run_cli
 from finetune.errors import DataError
 from finetune.generate import read_prompts
 

@@ -5,12 +5,12 @@ import json
 import jsonschema
 import pytest
 
-from conftest import run_cli
+from tests.support import run_cli
 from finetune.errors import DataError, FinetuneError
 from finetune.generate import chat, generate_run
 from finetune.merge import merge_adapter
-from test_merge_parity import run_cfg
-from test_merge_weights import make_run
+from tests.test_merge_parity import run_cfg
+from tests.test_merge_weights import make_run
 
 PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
                                            "age": {"type": "integer", "minimum": 0, "maximum": 120}},
@@ -71,7 +71,7 @@ def test_interactive_chat_on_the_command_line(run, tmp_path):
     import subprocess
     import sys
 
-    from conftest import REPO
+    from tests.support import REPO
 
     # run_cli has no stdin; the same command with typed input
     res = subprocess.run([sys.executable, "-m", "finetune", "generate", f"run={run}", "generate.interactive=true",

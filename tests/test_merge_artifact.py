@@ -6,11 +6,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import run_cli
+from tests.support import run_cli
 from finetune.errors import FinetuneError
 from finetune.merge import merge_adapter
-from test_merge_parity import run_cfg
-from test_merge_weights import make_run
+from tests.test_merge_parity import run_cfg
+from tests.test_merge_weights import make_run
 
 PROMPTS = [{"prompt": "Write a short greeting."},
            {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]},

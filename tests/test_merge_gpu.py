@@ -9,8 +9,8 @@ import torch
 
 from finetune.generate import generate, load_merged
 from finetune.merge import merge_adapter
-from test_merge_parity import run_cfg
-from test_merge_weights import make_run
+from tests.test_merge_parity import run_cfg
+from tests.test_merge_weights import make_run
 
 pytestmark = pytest.mark.gpu
 

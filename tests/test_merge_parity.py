@@ -4,10 +4,10 @@ import logging
 
 import pytest
 
-from conftest import run_cli
+from tests.support import run_cli
 from finetune.cli import setup
 from finetune.merge import base_checkpoint_dir, merge_adapter, parity_report
-from test_merge_weights import compose_config, make_run
+from tests.test_merge_weights import compose_config, make_run
 
 
 def run_cfg(run, *overrides):

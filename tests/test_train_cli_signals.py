@@ -12,7 +12,7 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from conftest import REPO, run_cli
+from tests.support import REPO, run_cli
 
 ARGS = ["train", "train.max_steps=6", "train.save_steps=2", "train.report_to=[]", "merge.enabled=false",
         "device=cpu"]

@@ -4,7 +4,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from conftest import run_cli
+from tests.support import run_cli
 from finetune.errors import ConfigError
 from finetune.model import check_target_modules, load_base_model, resolve_dtype
 from finetune.paths import CONFIG_DIR

@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 
-from conftest import run_cli
+from tests.support import run_cli
 
 pytestmark = pytest.mark.gpu
 GPU_ENV = {"CUDA_VISIBLE_DEVICES": os.environ.get("FINETUNE_TEST_GPU", "0")}
@@ -88,7 +88,7 @@ def test_loftq_initialisation_shrinks_the_quantization_error(tmp_path):
     import subprocess
     import sys
 
-    from conftest import REPO
+    from tests.support import REPO
 
     res = subprocess.run([sys.executable, "-c", LOFTQ_CHECK, str(tmp_path)], cwd=REPO, capture_output=True,
                          text=True, env={**os.environ, **GPU_ENV}, timeout=600)

@@ -5,7 +5,7 @@ import struct
 
 import pytest
 
-from conftest import run_cli
+from tests.support import run_cli
 from finetune.plots import plot_losses, read_loss_curves
 
 
