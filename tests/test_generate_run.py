@@ -119,7 +119,7 @@ def test_constrained_rows_need_a_schema(run, tmp_path):
 
 def test_missing_model_folders_are_named(tmp_path):
     from finetune.cli import setup
-    from test_merge_weights import compose_config
+    from tests.test_merge_weights import compose_config
 
     p = prompts_file(tmp_path / "p.jsonl", [{"prompt": "a"}])
     cfg = setup(compose_config(f"generate.model={tmp_path / 'nothing'}", f"generate.prompts={p}"))

@@ -112,7 +112,7 @@ def test_a_crash_leaves_the_old_output_and_no_half_written_folder(tmp_path, monk
 
 def test_explicit_adapter_and_base_without_a_run(tmp_path):
     from finetune.cli import setup
-    from test_merge_weights import compose_config
+    from tests.test_merge_weights import compose_config
 
     run = make_run(tmp_path / "run", "quant=none")
     cfg = setup(compose_config("quant=none", "model=tiny", f"merge.adapter={run / 'adapter'}",

@@ -95,12 +95,12 @@ def test_plan_only_prints_the_3b_plan_offline_and_trains_nothing(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     out = res.stdout
     assert "Qwen/Qwen2.5-3B-Instruct" in out and "3.09 B base params" in out
-    assert "8192 tokens per micro-batch" in out  # data.max_length 2048 x train.per_device_train_batch_size 4
+    assert "2048 tokens per micro-batch" in out  # data.max_length 2048 x train.per_device_train_batch_size 1
     # The numbers come from the config's values: the experiment's settings, spelled out here.
     arch = dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
                 num_key_value_heads=2, head_dim=128, vocab_size=151936, tie_word_embeddings=True, qkv_bias=True)
     plan = plan_memory(arch, quant_method="nf4", double_quant=True, compute_dtype="bfloat16", r=16,
-                       target_modules="all-linear", optimizer="adamw_torch", seq_len=2048, micro_batch=4,
+                       target_modules="all-linear", optimizer="adamw_torch", seq_len=2048, micro_batch=1,
                        gradient_checkpointing=True, lora_dropout=0.05, attn_implementation="sdpa")
     total = next(line for line in out.splitlines() if line.startswith("total")).split()
     assert total[1:] == [f"{plan.total_no_ckpt / GIB:.2f}", f"{plan.total_ckpt / GIB:.2f}"]

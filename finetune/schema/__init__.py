@@ -69,23 +69,16 @@ def to_typed(cfg: Any) -> FinetuneConfig:
     return OmegaConf.to_object(cfg)
 
 
-def _cuda_possible(device: str) -> bool:
-    # Importing torch costs ~2 s, so it is asked only when a CUDA-only option meets device=auto.
-    if device != "auto":
-        return device == "cuda"
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def cross_field_problems(cfg: FinetuneConfig) -> list[str]:
     """Problems that involve more than one group."""
     out = []
     if cfg.device not in ("auto", "cpu", "cuda"):
         out.append(f"device={cfg.device!r}: use auto, cpu or cuda")
-    if cfg.train.optim in CUDA_OPTIMIZERS and not _cuda_possible(cfg.device):
-        out.append(f"train.optim={cfg.train.optim!r} needs CUDA (bitsandbytes optimizers), and device={cfg.device} "
-                   "has none; use train.optim=adamw_torch")
+    # device=auto is resolved in the trainer's preflight (finetune.train.environment_problems), which reports
+    # this together with the checks that need the model's config; an explicit device=cpu is refused here.
+    if cfg.train.optim in CUDA_OPTIMIZERS and cfg.device == "cpu":
+        out.append(f"train.optim={cfg.train.optim!r} needs CUDA (bitsandbytes optimizers), and device=cpu; "
+                   "use train.optim=adamw_torch")
     if cfg.peft.use_dora and cfg.quant.method == "int8":
         out.append("peft.use_dora=true with quant.method=int8: peft's DoRA does not support 8-bit layers; "
                    "use quant=nf4 or quant=none")
