@@ -33,5 +33,9 @@ test-llamacpp: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ''
 
+# CPU benchmarks (data, generation, training throughput, memory), each in its own process; one table.
+bench: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/run_all.py
+
 clean:
 	rm -rf outputs multirun .pytest_cache build *.egg-info

@@ -1,0 +1,304 @@
+"""Peak resident memory of a few QLoRA (nf4) training steps vs 16-bit LoRA, on a Qwen2.5-0.5B-shape model (CPU).
+
+    python benchmarks/memory.py                    # 3 steps of 128 tokens per arm, a few minutes on 2 cores
+    python benchmarks/memory.py --quick            # make bench: 2 steps of 64 tokens
+    python benchmarks/memory.py --size tiny        # smoke run (tests): a 2-layer shape, seconds
+
+Builds a random model of Qwen2.5-0.5B's shape (hidden 896, intermediate 4864, 24 layers, 14/2 heads, vocab
+151,936, tied embeddings; 494 M parameters) in bf16, like the published checkpoint, and saves it once as
+safetensors. Then one fresh process per arm loads it through the project's `finetune.model.load_base_model`,
+adds the project's LoRA (r16, all linear layers, fp32 adapter weights as `finetune.train` keeps them) and
+takes a few AdamW steps on one row:
+
+  qlora        quant=nf4 as `finetune train` runs it on this machine: 4-bit weights, fp32 compute on CPU,
+               peft's prepare_model_for_kbit_training (which casts the frozen tied embedding to fp32)
+  qlora_bf16   the same with quant.compute_dtype=bfloat16, the compute dtype a GPU run uses
+  qlora_bf16_embed16   qlora_bf16 with the frozen tied embedding kept bf16 (`keep_embedding_16bit`): a change
+               proposed for finetune.train, measured here before it is made
+  lora16       quant=none with bf16 weights and bf16 compute: "16-bit LoRA" (on CPU bf16 stands in for the
+               GPU's 16-bit storage; the bytes are the same). transformers memory-maps the safetensors file
+               and uses bf16 weights in place, so they count as file-backed resident pages once touched.
+
+Each arm reports, above its own resident memory after imports: the loading peak, the resident memory after
+loading (weights copied out of the memory-mapped checkpoint, see `materialize`), and the peak of the whole
+run (`peak`). Peaks are VmHWM, reset between phases through
+/proc/self/clear_refs; a thread also samples anonymous memory (RssAnon) every 2 ms, because VmRSS counts the
+safetensors file's pages while they are memory-mapped, which the kernel can drop at any time. A 4-bit load
+passes the check when its anonymous loading peak stays below one bf16 copy of the model. The arms run with
+MALLOC_MMAP_THRESHOLD_=65536 (see MALLOC_ENV), so RSS follows live tensors rather than the heap's history.
+The last line printed is one JSON object with both peaks and `ratio` (qlora / lora16). Goal: ratio <= 0.5.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+SHAPES = {
+    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                         num_key_value_heads=2, vocab_size=151936),
+    # smoke shape: intermediate a multiple of 64 (bitsandbytes' CPU 4-bit blocks)
+    "tiny": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1024),
+}
+ARMS = {  # arm -> quant group
+    "qlora": {"method": "nf4", "compute_dtype": "auto"},
+    "qlora_bf16": {"method": "nf4", "compute_dtype": "bfloat16"},
+    "qlora_bf16_embed16": {"method": "nf4", "compute_dtype": "bfloat16"},
+    "lora16": {"method": "none", "compute_dtype": "bfloat16"},
+}
+# glibc's dynamic mmap threshold keeps freed multi-MB buffers (dequantized weights, activations) in the heap:
+# two runs of the same arm measured 816 and 1,566 MB after loading. With a fixed threshold every large
+# tensor is its own mapping, returned on free, and RSS follows the live tensors (701 MB, repeatably).
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+MB = 2**20
+
+
+class Memory:
+    """This process's resident memory in MB: current, peak since the last `reset`, and sampled anonymous peak."""
+
+    def __init__(self):
+        self.anon_peak = 0.0
+        self._stop = threading.Event()
+        self.can_reset = os.access("/proc/self/clear_refs", os.W_OK)
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    @staticmethod
+    def status() -> dict[str, float]:
+        text = Path("/proc/self/status").read_text()
+        return {k: int(re.search(rf"^{k}:\s+(\d+) kB", text, re.MULTILINE).group(1)) / 1024
+                for k in ("VmRSS", "VmHWM", "RssAnon")}
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.002):
+            self.anon_peak = max(self.anon_peak, self.status()["RssAnon"])
+
+    def reset(self) -> dict[str, float]:
+        """Start a new phase: VmHWM back to the current RSS (Linux >= 4.0), the anonymous peak too."""
+        if self.can_reset:
+            Path("/proc/self/clear_refs").write_text("5")
+        now = self.status()
+        self.anon_peak = now["RssAnon"]
+        return now
+
+
+def build(root: Path, shape: str) -> None:
+    """Random bf16 model of `shape`, saved as safetensors under root/model."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)  # build in bf16 like the published checkpoint: 1 GB, not 2
+    config = Qwen2Config(**SHAPES[shape], tie_word_embeddings=True, max_position_embeddings=32768,
+                         rope_theta=1_000_000.0, rms_norm_eps=1e-6)
+    Qwen2ForCausalLM(config).save_pretrained(root / "model")
+
+
+def measure(arm: str, root: Path, steps: int, seq_len: int) -> dict:
+    """Load + LoRA + `steps` AdamW steps in this (fresh) process; memory figures above the post-import level."""
+    import bitsandbytes  # noqa: F401  (both arms pay the same imports before the baseline is read)
+    import peft
+    import torch
+
+    from finetune.model import load_base_model, resolve_dtype
+    from finetune.schema import to_typed
+    from finetune.train import lora_config
+
+    cfg = to_typed({"model": {"name_or_path": str(root / "model")}, "quant": ARMS[arm], "device": "cpu"})
+    mem = Memory()
+    base = mem.reset()
+    started = time.perf_counter()
+    model = load_base_model(cfg.model, cfg.quant, "cpu")
+    load_s = time.perf_counter() - started
+    load_peak, load_anon = mem.status()["VmHWM"], mem.anon_peak
+    copied = materialize(model, root / "model")
+    loaded = mem.status()
+    mem.reset()
+    if cfg.quant.is_quantized:  # as finetune.train.build_trainer does
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if arm == "qlora_bf16_embed16":
+        keep_embedding_16bit(model)
+    model = peft.get_peft_model(model, lora_config(cfg.peft))
+    for p in model.parameters():  # finetune.train keeps adapter weights fp32
+        if p.requires_grad:
+            p.data = p.data.float()
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(0, model.config.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(0))
+    started = time.perf_counter()
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(round(float(loss), 4))
+    steps_s = time.perf_counter() - started
+    trained = mem.status()
+    return {
+        "arm": arm, "quant": cfg.quant.method,
+        "compute_dtype": str(resolve_dtype(cfg.quant.compute_dtype, "cpu")).replace("torch.", ""),
+        "after_imports_mb": round(base["VmRSS"]),
+        "load_peak_mb": round(load_peak - base["VmRSS"]),
+        "load_peak_anon_mb": round(load_anon - base["RssAnon"]),
+        "loaded_mb": round(loaded["VmRSS"] - base["VmRSS"]),
+        "loaded_anon_mb": round(loaded["RssAnon"] - base["RssAnon"]), "copied_from_mapping_mb": copied,
+        "train_peak_mb": round(trained["VmHWM"] - base["VmRSS"]),
+        "train_peak_anon_mb": round(mem.anon_peak - base["RssAnon"]),
+        "load_s": round(load_s, 1), "step_s": round(steps_s / steps, 1), "losses": losses,
+        "peak_reset": mem.can_reset,
+    }
+
+
+def materialize(model, checkpoint: Path) -> int:
+    """Copy the weights that still live in the memory-mapped checkpoint into process memory, as a copy to GPU
+    memory would; return the MB copied. transformers uses bf16 tensors of a bf16 checkpoint in place: their
+    pages count in VmRSS only once touched, and every page read while loading stays counted while any tensor
+    keeps the mapping open (700 MB for an nf4 model whose only in-place tensor is the 272 MB embedding).
+    Tensors already in process memory are left alone (copying them would add a transient peak)."""
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        if str(checkpoint.resolve()) in line:
+            lo, hi = line.split()[0].split("-")
+            ranges.append((int(lo, 16), int(hi, 16)))
+    copied = 0
+    for p in model.parameters():
+        if any(lo <= p.data_ptr() < hi for lo, hi in ranges):
+            p.data = p.data.clone()
+            copied += p.numel() * p.element_size()
+    return round(copied / MB)
+
+
+def keep_embedding_16bit(model) -> None:
+    """The change this arm measures (not in finetune.train yet): undo prepare_model_for_kbit_training's fp32
+    cast of the frozen (tied) embedding, which costs 2 more bytes a parameter (0.5B: 136 M parameters, 272 MB;
+    3B: 311 M, 0.6 GB) and holds nothing bf16 did not: the checkpoint is bf16. The tied output head then gets
+    its input in bf16 as well, as in any bf16 run (the loss upcasts the logits to fp32)."""
+    import torch
+
+    emb = model.get_input_embeddings()
+    emb.to(torch.bfloat16)
+    head = model.get_output_embeddings()
+    head.register_forward_pre_hook(lambda module, args: (args[0].to(module.weight.dtype), *args[1:]))
+
+
+def model_bytes(root: Path) -> int:
+    """Bytes of the saved checkpoint's tensors (bf16: one 16-bit copy of the model)."""
+    from safetensors import safe_open
+
+    total = 0
+    for f in (root / "model").glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():
+                sl = st.get_slice(k)
+                n = 1
+                for d in sl.get_shape():
+                    n *= d
+                total += n * 2
+    return total
+
+
+def run(cmd: list[str], what: str) -> str:
+    env = {**MALLOC_ENV, **os.environ}  # a threshold set by the caller wins
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"memory: {what} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="make bench: 2 steps of 64 tokens")
+    p.add_argument("--size", choices=("qwen2.5-0.5b", "tiny"), default="qwen2.5-0.5b")
+    p.add_argument("--steps", type=int, default=None, help="AdamW steps per arm (default 3; quick 2)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens in the one training row (default 128; quick 64)")
+    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, from {', '.join(ARMS)}")
+    p.add_argument("--keep", type=Path, help="build the model here and keep it (reused when already built)")
+    p.add_argument("--phase", help=argparse.SUPPRESS)  # internal: build, or one arm per fresh process
+    p.add_argument("--root", type=Path, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    a.steps = a.steps if a.steps is not None else (2 if a.quick else 3)
+    a.seq_len = a.seq_len if a.seq_len is not None else (64 if a.quick else 128)
+    a.arms = [x.strip() for x in a.arms.split(",") if x.strip()]
+    unknown = [x for x in a.arms if x not in ARMS]
+    if unknown or not {"qlora", "lora16"} <= set(a.arms):
+        p.error(f"--arms={','.join(a.arms)}: use arms from {', '.join(ARMS)}, including qlora and lora16 "
+                "(the ratio compares them)")
+    if a.steps < 1 or a.seq_len < 2:
+        p.error(f"--steps must be >= 1 and --seq-len >= 2; got {a.steps} and {a.seq_len}")
+    return a
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    args = parse_args(argv)
+    if args.phase == "build":
+        build(args.root, args.size)
+        return None
+    if args.phase:
+        print(json.dumps(measure(args.phase, args.root, args.steps, args.seq_len)))
+        return None
+    root = args.keep or Path(tempfile.mkdtemp(prefix="bench-memory-"))
+    me = [sys.executable, str(Path(__file__).resolve()), "--root", str(root), "--size", args.size,
+          "--steps", str(args.steps), "--seq-len", str(args.seq_len), "--phase"]
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if not (root / "model" / "config.json").is_file():
+            started = time.perf_counter()
+            run(me + ["build"], "building the random model")
+            print(f"built the random {args.size}-shape model in {time.perf_counter() - started:.0f} s", flush=True)
+        copy16 = model_bytes(root) / MB
+        arms = {}
+        for arm in args.arms:
+            arms[arm] = json.loads(run(me + [arm], f"the {arm} arm").strip().splitlines()[-1])
+            print(f"  {json.dumps(arms[arm])}", flush=True)
+        return report(arms, copy16, args)
+    finally:
+        if args.keep is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def report(arms: dict, copy16: float, args) -> dict:
+    print(f"model: {args.size} shape, random, one bf16 copy = {copy16:.0f} MB; {args.steps} steps of "
+          f"{args.seq_len} tokens; MB above each process's resident memory after imports")
+    print(f"{'arm':18s} {'compute':>8s} {'load peak':>9s} {'(anon)':>7s} {'loaded':>7s} {'run peak':>8s} "
+          f"{'steps anon':>10s} {'load s':>6s} {'step s':>6s}")
+    for r in arms.values():
+        print(f"{r['arm']:18s} {r['compute_dtype']:>8s} {r['load_peak_mb']:9d} {r['load_peak_anon_mb']:7d} "
+              f"{r['loaded_mb']:7d} {peak(r):8d} {r['train_peak_anon_mb']:10d} {r['load_s']:6.1f} {r['step_s']:6.1f}")
+    q, l16 = arms["qlora"], arms["lora16"]
+    result = {
+        "size": args.size, "steps": args.steps, "seq_len": args.seq_len, "bf16_copy_mb": round(copy16),
+        "qlora_peak_mb": peak(q), "lora16_peak_mb": peak(l16), "ratio": round(peak(q) / peak(l16), 2),
+        "qlora_load_peak_mb": q["load_peak_mb"], "qlora_load_peak_anon_mb": q["load_peak_anon_mb"],
+        "lora16_load_peak_mb": l16["load_peak_mb"],
+        "qlora_load_below_bf16_copy": q["load_peak_anon_mb"] < copy16,
+    }
+    for arm, key in (("qlora_bf16", "ratio_bf16_compute"), ("qlora_bf16_embed16", "ratio_bf16_embed16")):
+        if arm in arms:
+            result[f"{arm}_peak_mb"] = peak(arms[arm])
+            result[key] = round(peak(arms[arm]) / peak(l16), 2)
+    result["goals_met"] = {"ratio<=0.5": result["ratio"] <= 0.5,
+                           "4-bit load below one bf16 copy": result["qlora_load_below_bf16_copy"]}
+    result["details"] = list(arms.values())
+    print(json.dumps(result))
+    return result
+
+
+def peak(r: dict) -> int:
+    """Peak of the whole run: loading (anonymous memory: the checkpoint file's pages, mapped while loading, are
+    page cache, not memory the model needs), the loaded model, or the steps (all resident memory)."""
+    return max(r["load_peak_anon_mb"], r["loaded_mb"], r["train_peak_mb"])
+
+
+if __name__ == "__main__":
+    main()

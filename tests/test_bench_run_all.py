@@ -1,0 +1,80 @@
+"""benchmarks/run_all.py (make bench): runs each benchmark in a subprocess, tabulates goals, survives failures.
+
+The real benchmarks are smoke-tested in their own test files; here stand-in scripts keep this under a few seconds.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "run_all.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("bench_run_all", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _fake(tmp_path: Path, name: str, body: str) -> None:
+    (tmp_path / f"{name}.py").write_text("import json, sys\n" + body)
+
+
+def test_table_goals_failures_and_skips(tmp_path, monkeypatch, capsys):
+    ra = _module()
+    _fake(tmp_path, "good",
+          "print('summary line')\nprint(json.dumps({'speedup': 3.5, 'rate': 1234.5, 'args': sys.argv[1:]}))\n")
+    _fake(tmp_path, "slowish", "print(json.dumps({'ratio': 0.7}))\n")
+    _fake(tmp_path, "broken", "print('no json here'); sys.exit(3)\n")
+    monkeypatch.setattr(ra, "HERE", tmp_path)
+    monkeypatch.setattr(ra, "BENCHES", [
+        ra.Bench("good", ["--quick"], [("speedup", ">=", 2)], ["rate"]),
+        ra.Bench("slowish", [], [("ratio", "<=", 0.5)]),
+        ra.Bench("broken", []),
+        ra.Bench("absent", []),
+    ])
+    out_file = tmp_path / "bench.json"
+    status = ra.main(["--out", str(out_file)])
+    out = capsys.readouterr().out
+    combined = json.loads(out.strip().splitlines()[-1])
+    assert status == 1  # one benchmark produced no JSON
+    assert combined == json.loads(out_file.read_text())
+    assert combined["good"]["args"] == ["--quick"]  # the quick arguments are passed by default
+    assert combined["slowish"] == {"ratio": 0.7}
+    assert combined["failed"] == ["broken"] and combined["skipped"] == ["absent"]
+    assert set(combined["seconds"]) == {"good", "slowish", "broken"}
+    rows = {tuple(line.split()[:2]): line.split() for line in out.splitlines() if line.split()[:1] in (
+        ["good"], ["slowish"], ["broken"])}
+    assert rows[("good", "speedup")][2:5] == ["3.5", ">=", "2"] and rows[("good", "speedup")][5] == "yes"
+    assert rows[("good", "rate")][2] == "1,234"
+    assert rows[("slowish", "ratio")][5] == "NO"  # a missed goal is reported, not an error
+    assert rows[("broken", "FAILED")][2:4] == ["exit", "3:"]
+    assert "skipped, benchmarks/absent.py is not in this checkout" in out
+
+
+def test_full_passes_no_quick_arguments(tmp_path, monkeypatch, capsys):
+    ra = _module()
+    _fake(tmp_path, "good", "print(json.dumps({'args': sys.argv[1:]}))\n")
+    monkeypatch.setattr(ra, "HERE", tmp_path)
+    monkeypatch.setattr(ra, "BENCHES", [ra.Bench("good", ["--quick"])])
+    assert ra.main(["--full"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["good"]["args"] == []
+
+
+def test_every_cpu_benchmark_is_in_the_run():
+    ra = _module()
+    names = [b.name for b in ra.BENCHES]
+    assert names == ["preprocess", "generate", "train_throughput", "memory"]
+    assert all((ROOT / "benchmarks" / f"{n}.py").is_file() for n in names if n != "generate")
+
+
+def test_unknown_benchmark_name_is_refused():
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--only", "memroy"], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert proc.returncode == 2 and "memroy" in proc.stderr and "train_throughput" in proc.stderr
