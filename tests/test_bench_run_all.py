@@ -4,22 +4,19 @@ The real benchmarks are smoke-tested in their own test files; here stand-in scri
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+from tests.support import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "run_all.py"
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("bench_run_all", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(SCRIPT, "bench_run_all")
 
 
 def _fake(tmp_path: Path, name: str, body: str) -> None:

@@ -1,7 +1,6 @@
 """benchmarks/train_throughput.py: the rows it generates, and a smoke run on the embedded tiny model."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -10,16 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.support import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "train_throughput.py"
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("bench_train_throughput", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(SCRIPT, "bench_train_throughput")
 
 
 def test_rows_follow_the_documented_length_distribution():
