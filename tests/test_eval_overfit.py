@@ -35,6 +35,7 @@ def overrides(rows: Path, steps: int) -> list[str]:
         "quant=none", "device=cpu", f"data.sources=[{src},split:train}},{src},split:val}}]",
         'data.structured.prompt_template="{input}"', f"train.max_steps={steps}", "train.learning_rate=1e-2",
         "train.lr_scheduler_type=constant", "train.warmup_steps=0", "train.per_device_train_batch_size=16",
+        "train.gradient_accumulation_steps=1",
         "train.save_steps=100000", "peft.lora_dropout=0", "eval.compare_base=false", "eval.max_new_tokens=64",
         "eval.gates.exact_match=1.0", "eval.gates.stopped_rate=1.0",
     ]

@@ -17,9 +17,9 @@ class TrainConfig:
     max_steps: int = field(default=-1, metadata={"help": "Optimizer steps; -1 = use num_train_epochs."})
     num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs when max_steps is -1."})
     learning_rate: float = 2e-4
-    per_device_train_batch_size: int = field(default=4, metadata={"help": "Packed rows per micro-batch."})
+    per_device_train_batch_size: int = field(default=1, metadata={"help": "Packed rows per micro-batch (one forward)."})
     per_device_eval_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: int = 4
     warmup_steps: float = field(default=0.03, metadata={"help": "Warmup steps (>= 1) or a fraction of all (< 1)."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": " | ".join(SCHEDULERS)})
     weight_decay: float = 0.0
