@@ -45,22 +45,17 @@ def is_main_process() -> bool:
     return launch_info().is_main
 
 
-def launch_problems(*, launch: Launch, per_device_batch: int, grad_accum: int, global_batch: int | None,
+def launch_problems(*, launch: Launch, per_device_batch: int, global_batch: int | None,
                     quant_method: str, storage_dtype: str | None, deepspeed_config: str | None) -> list[str]:
     """Setups that would fail late or train wrongly, as messages naming the keys involved."""
     out: list[str] = []
-    if global_batch is not None:
+    if global_batch is not None:  # it replaces gradient_accumulation_steps (derived in finetune.train)
         per_step = launch.world_size * per_device_batch
         if global_batch % per_step:
             out.append(
                 f"train.global_batch_size={global_batch} is not divisible by world size {launch.world_size} x "
                 f"train.per_device_train_batch_size={per_device_batch} (= {per_step}); pick a global batch that "
                 f"is a multiple of {per_step}, or change the batch size or the number of processes"
-            )
-        elif grad_accum != 1 and global_batch != per_step * grad_accum:
-            out.append(
-                f"train.global_batch_size={global_batch} disagrees with train.gradient_accumulation_steps="
-                f"{grad_accum} ({per_step} x {grad_accum} = {per_step * grad_accum}); set only one of them"
             )
     if launch.engine == "fsdp" and quant_method in ("nf4", "fp4") and storage_dtype not in FLOAT_STORAGE:
         out.append(

@@ -88,7 +88,7 @@ def preflight(cfg: FinetuneConfig) -> None:
     device = resolve_device(cfg.device)
     problems = launch_problems(
         launch=launch_info(), per_device_batch=cfg.train.per_device_train_batch_size,
-        grad_accum=cfg.train.gradient_accumulation_steps, global_batch=cfg.train.global_batch_size,
+        global_batch=cfg.train.global_batch_size,
         quant_method=cfg.quant.method, storage_dtype=cfg.quant.storage_dtype, deepspeed_config=cfg.train.deepspeed)
     problems += environment_problems(cfg, device) + target_module_problems_from_config(cfg.model, cfg.peft)
     if problems:

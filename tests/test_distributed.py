@@ -73,9 +73,10 @@ def test_bad_launch_setups_fail_before_any_model_loads(tmp_path, env, overrides,
 def test_fsdp_with_float_storage_passes_the_check():
     launch = launch_info({"WORLD_SIZE": "2", "ACCELERATE_USE_FSDP": "true"})
     assert launch.engine == "fsdp"
-    ok = launch_problems(launch=launch, per_device_batch=2, grad_accum=1, global_batch=8, quant_method="nf4",
+    ok = launch_problems(launch=launch, per_device_batch=2, global_batch=8, quant_method="nf4",
                          storage_dtype="bfloat16", deepspeed_config=None)
     assert ok == []
-    mixed = launch_problems(launch=Launch(2, 0, "ddp"), per_device_batch=2, grad_accum=3, global_batch=8,
-                            quant_method="none", storage_dtype=None, deepspeed_config=None)
-    assert len(mixed) == 1 and "gradient_accumulation_steps=3" in mixed[0]
+    # global_batch_size replaces gradient_accumulation_steps (derived from it)
+    derived = launch_problems(launch=Launch(2, 0, "ddp"), per_device_batch=2, global_batch=8,
+                              quant_method="none", storage_dtype=None, deepspeed_config=None)
+    assert derived == []
