@@ -142,7 +142,6 @@ def _saved_bytes_in_layer(model, layers, index, input_ids, position_ids, autocas
     weight copies and the rotary cos/sin every layer shares are excluded: the plan counts them elsewhere)."""
     import torch
 
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     shapes = {tuple(p.shape) for p in model.parameters()} | {tuple(p.shape)[::-1] for p in model.parameters()}
     where: dict[int, set] = {}
     size: dict[int, int] = {}
@@ -152,6 +151,9 @@ def _saved_bytes_in_layer(model, layers, index, input_ids, position_ids, autocas
     def pack(t):
         alive.append(t)
         ptr = t.untyped_storage().data_ptr()
+        # parameters are looked up at each save, not once: bitsandbytes' Linear4bit recasts its bias to the
+        # compute dtype inside forward, which frees the old storage, and a later activation may get its address
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
         if ptr not in params and tuple(t.shape) not in shapes:
             where.setdefault(ptr, set()).add(state["layer"])
             size[ptr] = t.untyped_storage().nbytes()
