@@ -290,7 +290,7 @@ def nf4_dequantizer(cfg: FinetuneConfig, device: str) -> Callable[[str], Any]:
 
     The base is loaded exactly as in training (same transformers + bitsandbytes path, same quant group), so
     which layers are 4-bit and how they round is theirs, not a re-implementation. Only the 4-bit layers are
-    kept (a quarter of their fp32 size); the rest of the model (the 545 MB fp32 embedding of Qwen2.5-0.5B)
+    kept (a quarter of their fp32 size); the rest of the model (the 272 MB bf16 embedding of Qwen2.5-0.5B)
     is dropped before the merge starts.
     """
     import bitsandbytes as bnb

@@ -93,7 +93,9 @@ def load_base_model(model_cfg: ModelConfig, quant: QuantConfig, device: str, *, 
     """Load the base causal LM on `device`, quantized as the quant group says (unless quantize=False).
 
     With quantize=False the base loads unquantized in the compute dtype: that is what merging into
-    the 'original' base and the base-vs-tuned comparison need.
+    the 'original' base and the base-vs-tuned comparison need. A quantized base comes back prepared for
+    k-bit training (`prepare_quantized_base`), the form the adapter trains against, wherever it is loaded
+    (training, the parity report, the nf4-roundtrip merge).
     """
     from transformers import AutoModelForCausalLM
 
@@ -102,7 +104,11 @@ def load_base_model(model_cfg: ModelConfig, quant: QuantConfig, device: str, *, 
     try:
         model = AutoModelForCausalLM.from_pretrained(
             model_path(model_cfg),
-            dtype=dtype,
+            # A quantized base reads its tensors in the checkpoint's own dtype ("auto"), not the compute dtype:
+            # loading Qwen2.5-0.5B's bf16 checkpoint as fp32 for CPU compute doubled the non-quantized tensors and
+            # the load peak (benchmarks/memory.py: 756 -> 238 MB above imports). bitsandbytes quantizes from
+            # those values and computes in quant.compute_dtype either way.
+            dtype="auto" if qcfg else dtype,
             quantization_config=qcfg,
             device_map=device,
             attn_implementation=model_cfg.attn_implementation,
@@ -110,8 +116,92 @@ def load_base_model(model_cfg: ModelConfig, quant: QuantConfig, device: str, *, 
         )
     except OSError as e:
         raise FinetuneError(f"model.name_or_path={model_cfg.name_or_path!r}: cannot load the model ({e})") from None
+    if qcfg:
+        prepare_quantized_base(model)
     log.info("loaded %s (%s, %s) on %s", model_cfg.name_or_path, quant.method if qcfg else "unquantized", dtype, device)
     return model
+
+
+def prepare_quantized_base(model, *, keep_embeddings_16bit: bool | None = None) -> None:
+    """peft's `prepare_model_for_kbit_training` (without checkpointing, which the Trainer configures) with one
+    deviation: frozen 16-bit embeddings stay 16-bit.
+
+    peft freezes the base and casts every non-quantized 16-bit tensor to fp32, for stable norms. For the
+    embedding table that buys nothing: its values come from a 16-bit checkpoint, and widening them is exact,
+    so we keep the table as stored and widen only what it returns (a forward hook), and the output head --
+    the same tensor when tied, as in Qwen2.5 -- computes in the input's dtype (trl's fused loss head already
+    widens each vocabulary tile it reads). Outputs are bitwise those of peft's version; the table costs half:
+    Qwen2.5-0.5B 272 MB instead of 545, Qwen2.5-3B 0.62 GB instead of 1.24. Norms and biases become fp32 as in
+    peft. Under FSDP or DeepSpeed (`keep_embeddings_16bit` None) peft's all-fp32 layout is kept: their flat
+    parameter groups want one dtype per wrapped unit.
+    """
+    import torch
+
+    from finetune.distributed import launch_info
+
+    if keep_embeddings_16bit is None:
+        keep_embeddings_16bit = launch_info().engine not in ("fsdp", "deepspeed")
+    sixteen = (torch.float16, torch.bfloat16)
+    tables = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
+    kept = {id(m.weight) for m in tables} if keep_embeddings_16bit else set()
+    for p in model.parameters():
+        p.requires_grad = False
+        # Params4bit stored as bf16 (quant.storage_dtype, for FSDP) are packed 4-bit codes: never cast them
+        if p.dtype in sixteen and type(p).__name__ != "Params4bit" and id(p) not in kept:
+            p.data = p.data.to(torch.float32)
+    _keep_training_layout(model)
+    if not any(m.weight.dtype in sixteen for m in tables):
+        return
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if emb.weight.dtype in sixteen:
+        emb.register_forward_hook(_widen_output)
+    if head is not None and head.weight.dtype in sixteen and type(head) is torch.nn.Linear:
+        head.forward = _WidenedLinear(head)
+    log.info("frozen embeddings kept in %s (peft would widen them to fp32)", emb.weight.dtype)
+
+
+def _keep_training_layout(model) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference. On CPUs with AVX512-BF16, the first
+    eval-mode forward without gradients (the Trainer's eval loss, a parity check) converts each Linear4bit to a
+    gemv layout for good, and the next training step then fails inside bitsandbytes ("a view of a leaf Variable
+    that requires grad is being used in an in-place operation"). Keeping one layout also means eval-time
+    forwards compute with the same kernels as training did."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def _widen_output(module, args, output):
+    """Embedding forward hook: the table's rows, widened to fp32 as peft's fp32 table would have returned them."""
+    import torch
+
+    return output.to(torch.float32) if output.dtype != torch.float32 else output
+
+
+class _WidenedLinear:
+    """forward of a frozen 16-bit output head fed fp32 hidden states (fp32 compute): widen the weight for the
+    product instead of narrowing the input, so the logits equal those of peft's fp32 head. Under autocast the
+    product runs in the autocast dtype as before. A class, not a closure, so the model still pickles/deep-copies."""
+
+    def __init__(self, linear):
+        self.linear = linear
+
+    def __call__(self, x):
+        import torch.nn.functional as F
+
+        w, b = self.linear.weight, self.linear.bias
+        if x.dtype != w.dtype and not _autocast_on(x):
+            w = w.to(x.dtype)
+            b = b.to(x.dtype) if b is not None else None
+        return F.linear(x, w, b)
+
+
+def _autocast_on(x) -> bool:
+    import torch
+
+    return torch.is_autocast_enabled(x.device.type)
 
 
 def load_architecture(cfg: ModelConfig) -> dict[str, Any]:

@@ -213,12 +213,8 @@ def build_trainer(cfg: FinetuneConfig, splits, tokenizer, run_dir: Path, device:
     set_seed(cfg.train.seed)  # LoRA init (and pissa_niter's randomized SVD) happen before the Trainer seeds
     model = load_base_model(cfg.model, cfg.quant, device)
     check_target_modules(model, cfg.peft, cfg.model.name_or_path)
-    if cfg.quant.is_quantized:
-        from peft import prepare_model_for_kbit_training
-
-        # Freezes the base and casts norms/embeddings to fp32 (training stability with a 4/8-bit base).
-        # Checkpointing is left to the Trainer (activation_checkpointing) so it is configured in one place.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    # A quantized base arrives frozen with fp32 norms (finetune.model.prepare_quantized_base); checkpointing is
+    # left to the Trainer (activation_checkpointing) so it is configured in one place.
     has_eval = splits.val is not None and len(splits.val) > 0
     trainer = trainer_class()(
         model=model,
