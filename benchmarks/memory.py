@@ -3,18 +3,18 @@
     python benchmarks/memory.py                    # 3 steps of 128 tokens per arm, a few minutes on 2 cores
     python benchmarks/memory.py --quick            # make bench: 2 steps of 64 tokens
     python benchmarks/memory.py --size tiny        # smoke run (tests): a 2-layer shape, seconds
+    python benchmarks/memory.py --size qwen2.5-3b  # 3B shape: a 6 GB checkpoint, about 10 minutes here
 
 Builds a random model of Qwen2.5-0.5B's shape (hidden 896, intermediate 4864, 24 layers, 14/2 heads, vocab
 151,936, tied embeddings; 494 M parameters) in bf16, like the published checkpoint, and saves it once as
-safetensors. Then one fresh process per arm loads it through the project's `finetune.model.load_base_model`,
-adds the project's LoRA (r16, all linear layers, fp32 adapter weights as `finetune.train` keeps them) and
-takes a few AdamW steps on one row:
+safetensors. Then one fresh process per arm loads it through the project's `finetune.model.load_base_model`
+and trains it with the project's own trainer (`finetune.train.build_trainer`: LoRA r16 on all linear layers,
+fp32 adapter weights, AdamW, trl's padding-free packing and fused loss head) for a few optimizer steps of one
+packed row each:
 
-  qlora        quant=nf4 as `finetune train` runs it on this machine: 4-bit weights, fp32 compute on CPU,
-               peft's prepare_model_for_kbit_training (which casts the frozen tied embedding to fp32)
+  qlora        quant=nf4 as `finetune train` runs it on this machine: 4-bit weights, fp32 compute on CPU, the
+               frozen tied embedding kept in the checkpoint's bf16 (finetune.model.prepare_quantized_base)
   qlora_bf16   the same with quant.compute_dtype=bfloat16, the compute dtype a GPU run uses
-  qlora_bf16_embed16   qlora_bf16 with the frozen tied embedding kept bf16 (`keep_embedding_16bit`): a change
-               proposed for finetune.train, measured here before it is made
   lora16       quant=none with bf16 weights and bf16 compute: "16-bit LoRA" (on CPU bf16 stands in for the
                GPU's 16-bit storage; the bytes are the same). transformers memory-maps the safetensors file
                and uses bf16 weights in place, so they count as file-backed resident pages once touched.
@@ -47,6 +47,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 SHAPES = {
     "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                          num_key_value_heads=2, vocab_size=151936),
+    # the issue's first target, for the same comparison where the embedding table is a smaller share (10%)
+    "qwen2.5-3b": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+                       num_key_value_heads=2, vocab_size=151936),
     # smoke shape: intermediate a multiple of 64 (bitsandbytes' CPU 4-bit blocks)
     "tiny": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=1024),
@@ -54,7 +57,6 @@ SHAPES = {
 ARMS = {  # arm -> quant group
     "qlora": {"method": "nf4", "compute_dtype": "auto"},
     "qlora_bf16": {"method": "nf4", "compute_dtype": "bfloat16"},
-    "qlora_bf16_embed16": {"method": "nf4", "compute_dtype": "bfloat16"},
     "lora16": {"method": "none", "compute_dtype": "bfloat16"},
 }
 # glibc's dynamic mmap threshold keeps freed multi-MB buffers (dequantized weights, activations) in the heap:
@@ -105,16 +107,32 @@ def build(root: Path, shape: str) -> None:
 
 
 def measure(arm: str, root: Path, steps: int, seq_len: int) -> dict:
-    """Load + LoRA + `steps` AdamW steps in this (fresh) process; memory figures above the post-import level."""
+    """Load + `steps` optimizer steps of the project's trainer in this (fresh) process; MB above post-import."""
     import bitsandbytes  # noqa: F401  (both arms pay the same imports before the baseline is read)
-    import peft
+    import peft  # noqa: F401
     import torch
+    import trl  # noqa: F401
+    from datasets import Dataset
+    from transformers import TrainerCallback
 
+    from finetune.data import DataSplits
     from finetune.model import load_base_model, resolve_dtype
     from finetune.schema import to_typed
-    from finetune.train import lora_config
+    from finetune.tiny import load_tiny_tokenizer
+    from finetune.train import build_trainer
 
-    cfg = to_typed({"model": {"name_or_path": str(root / "model")}, "quant": ARMS[arm], "device": "cpu"})
+    cfg = to_typed({
+        "model": {"name_or_path": str(root / "model")}, "quant": ARMS[arm], "device": "cpu",
+        "data": {"max_length": seq_len},
+        # one packed row of seq_len tokens per optimizer step; nothing saved until the last step
+        "train": {"max_steps": steps, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 1,
+                  "save_steps": 10**6, "logging_steps": 1, "report_to": [], "warmup_steps": 0},
+    })
+    vocab = json.loads((root / "model" / "config.json").read_text())["vocab_size"]
+    # random token ids for a random model; the embedded tokenizer only supplies the pad token to the collator
+    ids = torch.randint(0, vocab, (steps, seq_len), generator=torch.Generator().manual_seed(0)).tolist()
+    splits = DataSplits(Dataset.from_dict({"input_ids": ids, "assistant_masks": [[1] * seq_len] * steps}), None, {})
+    tokenizer = load_tiny_tokenizer()
     mem = Memory()
     base = mem.reset()
     started = time.perf_counter()
@@ -124,38 +142,33 @@ def measure(arm: str, root: Path, steps: int, seq_len: int) -> dict:
     copied = materialize(model, root / "model")
     loaded = mem.status()
     mem.reset()
-    if cfg.quant.is_quantized:  # as finetune.train.build_trainer does
-        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    if arm == "qlora_bf16_embed16":
-        keep_embedding_16bit(model)
-    model = peft.get_peft_model(model, lora_config(cfg.peft))
-    for p in model.parameters():  # finetune.train keeps adapter weights fp32
-        if p.requires_grad:
-            p.data = p.data.float()
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    ids = torch.randint(0, model.config.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(0))
+    trainer = build_trainer(cfg, splits, tokenizer, root / f"run-{arm}", "cpu", model=model)
+    seen = {}
+
+    class Peak(TrainerCallback):  # read before the end-of-run checkpoint is written
+        def on_step_end(self, args, state, control, **kw):
+            now = mem.status()
+            seen.update(hwm=max(seen.get("hwm", 0), now["VmHWM"]), anon=max(seen.get("anon", 0), mem.anon_peak))
+
+    trainer.add_callback(Peak())
     started = time.perf_counter()
-    losses = []
-    for _ in range(steps):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(round(float(loss), 4))
+    trainer.train()
     steps_s = time.perf_counter() - started
-    trained = mem.status()
+    embed = trainer.model.get_input_embeddings()
+    embed = getattr(embed, "base_layer", embed)
     return {
         "arm": arm, "quant": cfg.quant.method,
         "compute_dtype": str(resolve_dtype(cfg.quant.compute_dtype, "cpu")).replace("torch.", ""),
+        "embedding_dtype": str(embed.weight.dtype).replace("torch.", ""),
         "after_imports_mb": round(base["VmRSS"]),
         "load_peak_mb": round(load_peak - base["VmRSS"]),
         "load_peak_anon_mb": round(load_anon - base["RssAnon"]),
         "loaded_mb": round(loaded["VmRSS"] - base["VmRSS"]),
         "loaded_anon_mb": round(loaded["RssAnon"] - base["RssAnon"]), "copied_from_mapping_mb": copied,
-        "train_peak_mb": round(trained["VmHWM"] - base["VmRSS"]),
-        "train_peak_anon_mb": round(mem.anon_peak - base["RssAnon"]),
-        "load_s": round(load_s, 1), "step_s": round(steps_s / steps, 1), "losses": losses,
+        "train_peak_mb": round(seen["hwm"] - base["VmRSS"]),
+        "train_peak_anon_mb": round(seen["anon"] - base["RssAnon"]),
+        "load_s": round(load_s, 1), "step_s": round(steps_s / steps, 1),
+        "losses": [round(r["loss"], 4) for r in trainer.state.log_history if "loss" in r],
         "peak_reset": mem.can_reset,
     }
 
@@ -177,19 +190,6 @@ def materialize(model, checkpoint: Path) -> int:
             p.data = p.data.clone()
             copied += p.numel() * p.element_size()
     return round(copied / MB)
-
-
-def keep_embedding_16bit(model) -> None:
-    """The change this arm measures (not in finetune.train yet): undo prepare_model_for_kbit_training's fp32
-    cast of the frozen (tied) embedding, which costs 2 more bytes a parameter (0.5B: 136 M parameters, 272 MB;
-    3B: 311 M, 0.6 GB) and holds nothing bf16 did not: the checkpoint is bf16. The tied output head then gets
-    its input in bf16 as well, as in any bf16 run (the loss upcasts the logits to fp32)."""
-    import torch
-
-    emb = model.get_input_embeddings()
-    emb.to(torch.bfloat16)
-    head = model.get_output_embeddings()
-    head.register_forward_pre_hook(lambda module, args: (args[0].to(module.weight.dtype), *args[1:]))
 
 
 def model_bytes(root: Path) -> int:
@@ -219,8 +219,8 @@ def run(cmd: list[str], what: str) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="make bench: 2 steps of 64 tokens")
-    p.add_argument("--size", choices=("qwen2.5-0.5b", "tiny"), default="qwen2.5-0.5b")
-    p.add_argument("--steps", type=int, default=None, help="AdamW steps per arm (default 3; quick 2)")
+    p.add_argument("--size", choices=tuple(SHAPES), default="qwen2.5-0.5b")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per arm (default 3; quick 2)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens in the one training row (default 128; quick 64)")
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, from {', '.join(ARMS)}")
     p.add_argument("--keep", type=Path, help="build the model here and keep it (reused when already built)")
@@ -283,7 +283,7 @@ def report(arms: dict, copy16: float, args) -> dict:
         "lora16_load_peak_mb": l16["load_peak_mb"],
         "qlora_load_below_bf16_copy": q["load_peak_anon_mb"] < copy16,
     }
-    for arm, key in (("qlora_bf16", "ratio_bf16_compute"), ("qlora_bf16_embed16", "ratio_bf16_embed16")):
+    for arm, key in (("qlora_bf16", "ratio_bf16_compute"),):
         if arm in arms:
             result[f"{arm}_peak_mb"] = peak(arms[arm])
             result[key] = round(peak(arms[arm]) / peak(l16), 2)

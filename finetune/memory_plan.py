@@ -3,11 +3,12 @@
 `finetune train ... train.plan_only=true` prints `format_plan(plan_from_config(cfg))`. Every term is a byte count
 with the rule that produced it written next to it. The activation rules were read off the tensors autograd saves
 in a real transformers Qwen2 block with peft LoRA (tests/test_memory_plan.py re-checks them on a tiny model), for
-the stack we train with: bitsandbytes base, fp32 adapters, autocast to the compute dtype, peft's
-`prepare_model_for_kbit_training` upcasting every non-quantized parameter to fp32 on a quantized base.
-For Qwen2.5-3B with 2,048 tokens per micro-batch (nf4, r=16, AdamW, checkpointing) the plan is 8.1 GiB, 3.5 GiB
-of it the loss over the 151,936-token vocabulary; at 8,192 tokens that term alone is 13.9 GiB (total 20.9 GiB),
-so long packed rows need a chunked cross-entropy to stay under 8 GiB.
+the stack we train with: bitsandbytes base, fp32 adapters, autocast to the compute dtype, norms and biases
+upcast to fp32 on a quantized base while the frozen embedding table stays in the checkpoint's 16 bits
+(`finetune.model.prepare_quantized_base`), and trl's fused loss head, which scores the vocabulary in tiles and
+never holds the full logits. For Qwen2.5-3B with 2,048 tokens per micro-batch (nf4, r=16, AdamW,
+checkpointing) the plan is 3.9 GiB (8.1 GiB before the fused loss head and the 16-bit table); at 8,192
+tokens 8.0 GiB, most of it the sdpa packing mask and activations (flash_attention_2 needs neither mask).
 """
 from __future__ import annotations
 
@@ -36,8 +37,11 @@ OPTIMIZER_STATES = {  # name -> (states, bytes per state value; 1 means blockwis
 NF4_BLOCK = 64  # bitsandbytes 4-bit blocksize: one absmax per 64 weights
 DQ_BLOCK = 256  # double quant: the 8-bit absmaxes get an fp32 absmax of their own per 256 blocks
 OPT8_BLOCK, OPT8_MIN_SIZE = 256, 4096
-LOGITS_BYTES = 12  # per token per vocab entry at the loss-backward peak: fp32 log-probs (saved by log_softmax),
-# the dense fp32 grad nll_loss hands back, and the fp32 grad log_softmax writes: 3 x 4 B live together.
+# trl's fused loss head (trl.trainer.utils.add_fused_lm_head, which SFTTrainer installs) projects at most
+# LOSS_TOKEN_TILE tokens onto LOSS_VOCAB_TILE vocabulary columns at a time, keeps per-token fp32 statistics,
+# and recomputes the tiles in backward: the (tokens x vocab) logits never exist.
+LOSS_TOKEN_TILE, LOSS_VOCAB_TILE = 4096, 32768
+LOSS_TOKEN_STATS = 8  # fp32 values per token it keeps (running max, sums, target logit, log-normaliser, ...)
 FRAGMENTATION = 0.05  # caching-allocator rounding and fragmentation, a rule of thumb until the GPU bench says more
 
 Targets = str | Sequence[str]
@@ -169,10 +173,11 @@ def lora_parameter_count(arch: Mapping[str, Any], r: int, target_modules: Target
     return sum(_lora_tensor_sizes(_arch(arch), r, _lora_targets(target_modules)))
 
 
-def _weight_bytes(a: _Arch, quant: str, double_quant: bool, c: int, unq: int) -> dict[str, int]:
+def _weight_bytes(a: _Arch, quant: str, double_quant: bool, c: int, unq: int, emb: int) -> dict[str, int]:
     """Frozen base weights. bitsandbytes quantizes only the decoder linears; transformers keeps lm_head (and the
     tied embedding) out of it, embeddings and norms are not Linear, biases stay in their own dtype. `unq` is the
-    byte width of everything not quantized (4 after prepare_model_for_kbit_training, else the compute dtype)."""
+    byte width of norms and biases (4 on a prepared quantized base, else the compute dtype), `emb` that of the
+    embedding tables."""
     packed = consts = 0
     for i, o, _ in _linears(a).values():
         n = i * o
@@ -189,7 +194,7 @@ def _weight_bytes(a: _Arch, quant: str, double_quant: bool, c: int, unq: int) ->
             packed += c * n
     biases = sum(o for _, o, bias in _linears(a).values() if bias) * a.layers
     return {"quantized_linears": packed * a.layers, "quant_constants": consts * a.layers,
-            "embeddings": unq * a.vocab * a.hidden * (1 if a.tied else 2),
+            "embeddings": emb * a.vocab * a.hidden * (1 if a.tied else 2),
             "norms_and_biases": unq * ((2 * a.layers + 1) * a.hidden + biases)}
 
 
@@ -248,7 +253,8 @@ def _layer_bytes_per_token(a: _Arch, targets: list[str], r: int, c: int, s: int,
 def plan_memory(arch: Mapping[str, Any], *, quant_method: str, double_quant: bool, compute_dtype: str, r: int,
                 target_modules: Targets, optimizer: str, seq_len: int, micro_batch: int,
                 gradient_checkpointing: bool, lora_dropout: float = 0.05, attn_implementation: str = "sdpa",
-                padding_free: bool = True, upcast_non_quantized: bool | None = None) -> MemoryPlan:
+                padding_free: bool = True, upcast_non_quantized: bool | None = None,
+                embedding_dtype: str | None = None) -> MemoryPlan:
     """Estimate the accelerator memory of one training step.
 
     Args:
@@ -257,8 +263,11 @@ def plan_memory(arch: Mapping[str, Any], *, quant_method: str, double_quant: boo
         seq_len, micro_batch: tokens per row (data.max_length) and rows per micro-batch.
         padding_free: trl's bfd packing flattens the micro-batch into one row of seq_len * micro_batch tokens,
             so sdpa/eager masks span all of them; False = padded rows of seq_len.
-        upcast_non_quantized: None = True on a quantized base (peft's prepare_model_for_kbit_training casts
-            embeddings, norms and biases to fp32), False on an unquantized one.
+        upcast_non_quantized: None = True on a quantized base (norms and biases cast to fp32, the residual stream
+            fp32), False on an unquantized one.
+        embedding_dtype: dtype of the embedding tables; None = bfloat16 on a quantized base (kept as the 16-bit
+            checkpoint stores them; "float32" under FSDP/DeepSpeed or for an fp32 checkpoint), else the compute
+            dtype.
     Raises:
         ValueError: naming the bad argument or architecture key.
     """
@@ -278,10 +287,15 @@ def plan_memory(arch: Mapping[str, Any], *, quant_method: str, double_quant: boo
         raise ValueError(f"peft.lora_dropout={lora_dropout}: must be in [0, 1)")
     c = DTYPE_BYTES[compute_dtype]
     upcast = quant_method != "none" if upcast_non_quantized is None else upcast_non_quantized
-    s = 4 if upcast else c  # residual stream: the (upcast) embedding output keeps its dtype through the adds
+    s = 4 if upcast else c  # residual stream: the (widened) embedding output keeps its dtype through the adds
+    if embedding_dtype is None:
+        embedding_dtype = "bfloat16" if quant_method != "none" else compute_dtype
+    if embedding_dtype not in DTYPE_BYTES:
+        raise ValueError(f"embedding_dtype={embedding_dtype!r}: use one of {', '.join(DTYPE_BYTES)}")
+    e = DTYPE_BYTES[embedding_dtype]
     tokens = seq_len * micro_batch
 
-    w = _weight_bytes(a, quant_method, double_quant, c, s)
+    w = _weight_bytes(a, quant_method, double_quant, c, s, e)
     n_lora = sum(lora_sizes)
     lora_bytes, grads = 4 * n_lora, 4 * n_lora  # peft autocasts adapters to fp32; their grads are fp32 too
     optim = _optimizer_bytes(lora_sizes, optimizer)
@@ -290,14 +304,18 @@ def plan_memory(arch: Mapping[str, Any], *, quant_method: str, double_quant: boo
     per_tok = _layer_bytes_per_token(a, targets, r, c, s, quant_method, lora_dropout, attn_implementation, attn_len)
     layer = sum(per_tok.values()) * tokens
     final_norm = (4 * a.hidden + 4) * tokens
-    # Autocast copies of fp32 weights live until backward: the tied/upcast lm_head (V*h*c, 0.62 GB for Qwen2.5-3B
-    # in bf16) and every LoRA matrix. The sdpa/eager mask is one bool per (query, key) pair per row.
-    head_copy = a.vocab * a.hidden * c if c < s else 0
+    # Autocast copies of fp32 weights live until backward: every LoRA matrix (the fused loss head casts the output
+    # head tile by tile, see loss_peak). The sdpa/eager mask is one bool per (query, key) pair per row.
     lora_copies = n_lora * c if c < 4 else 0
     mask = rows * attn_len * attn_len if attn_implementation != "flash_attention_2" else 0
-    loss_peak = LOGITS_BYTES * tokens * a.vocab
+    # Fused loss head at its backward peak: one logits tile in the compute dtype, the head's weight tile cast to
+    # it (when stored wider or narrower), the hidden-state tile cast to it, the fp32 gradient of all hidden
+    # states it accumulates, and its per-token statistics.
+    n_tile, v_tile = min(tokens, LOSS_TOKEN_TILE), min(a.vocab, LOSS_VOCAB_TILE)
+    loss_peak = (n_tile * v_tile * c + (v_tile * a.hidden * c if e != c else 0)
+                 + (n_tile * a.hidden * c if s != c else 0) + 4 * tokens * a.hidden + 4 * LOSS_TOKEN_STATS * tokens)
     mlp_backward = (2 * (s if quant_method != "none" else c) * a.inter + 12 * a.hidden) * tokens  # MLP grads
-    fixed = final_norm + head_copy + lora_copies + mask
+    fixed = final_norm + lora_copies + mask
     act_no = a.layers * layer + fixed + max(loss_peak, mlp_backward)
     # Checkpointing keeps each layer's input (h*s per token) and recomputes one layer at a time in backward.
     ckpt_inputs = a.layers * a.hidden * s * tokens
@@ -313,21 +331,21 @@ def plan_memory(arch: Mapping[str, Any], *, quant_method: str, double_quant: boo
     tot_no, tot_ck = static + act_no + overhead(act_no), static + act_ck + overhead(act_ck)
     notes = [
         f"weights: {quant_method}{' + double quant' if double_quant and quant_method in ('nf4', 'fp4') else ''} "
-        f"decoder linears; embeddings, norms and biases in {s * 8}-bit"
-        + (" (prepare_model_for_kbit_training upcast)" if upcast else ""),
+        f"decoder linears; embeddings in {e * 8}-bit, norms and biases in {s * 8}-bit",
         f"LoRA r={r} on {', '.join(targets)}: {n_lora:,} fp32 params, fp32 grads, {optimizer} state",
         (f"activations: {compute_dtype} compute, {attn_implementation} attention, lora_dropout={lora_dropout}; "
-         f"loss peak {LOGITS_BYTES} B x {tokens} tokens x {a.vocab} vocab = {loss_peak / GIB:.2f} GiB"),
+         f"fused loss head in tiles of {n_tile} tokens x {v_tile} of {a.vocab} vocab: {loss_peak / GIB:.2f} GiB"),
         "not counted: CUDA context (~0.5 GiB, outside torch.cuda.max_memory_allocated), trl metric temporaries",
     ]
     detail = {**w, "ckpt_inputs": ckpt_inputs, "layer_activations": layer, "loss_peak": loss_peak,
-              "lm_head_autocast_copy": head_copy, "lora_autocast_copies": lora_copies, "attention_mask": mask,
+              "lora_autocast_copies": lora_copies, "attention_mask": mask,
               "final_norm": final_norm, "dequant_buffers": dequant,
               **{f"per_token_layer_{k}": v for k, v in per_tok.items()}}
     inputs = dict(quant_method=quant_method, double_quant=double_quant, compute_dtype=compute_dtype, r=r,
                   target_modules=target_modules, optimizer=optimizer, seq_len=seq_len, micro_batch=micro_batch,
                   gradient_checkpointing=gradient_checkpointing, lora_dropout=lora_dropout,
-                  attn_implementation=attn_implementation, padding_free=padding_free, upcast_non_quantized=upcast)
+                  attn_implementation=attn_implementation, padding_free=padding_free, upcast_non_quantized=upcast,
+                  embedding_dtype=embedding_dtype)
     act = act_ck if gradient_checkpointing else act_no
     return MemoryPlan(
         weights=sum(w.values()), lora_params=lora_bytes, gradients=grads, optimizer=optim, activations=act,

@@ -20,17 +20,17 @@ def typed(*overrides):
 
 
 def test_bad_values_are_all_reported_at_once_naming_each_key():
-    cfg = typed("peft.r=0", "peft.lora_dropout=1.0", "train.optim=adamw_9bit", "train.neftune_noise_alpha=-1",
+    cfg = typed("train.train_sampling_strategy=by_length", "peft.r=0", "peft.lora_dropout=1.0", "train.optim=adamw_9bit", "train.neftune_noise_alpha=-1",
                 "train.report_to=[tensorbord]", "peft.init_lora_weights=svd", "train.warmup_steps=2.5",
                 "train.max_grad_norm=-1")
     with pytest.raises(ConfigError) as err:
         validate(cfg)
     text = str(err.value)
-    for key in ("peft.r=0", "peft.lora_dropout=1.0", "train.optim='adamw_9bit'", "train.neftune_noise_alpha=-1",
+    for key in ("train.train_sampling_strategy='by_length'", "peft.r=0", "peft.lora_dropout=1.0", "train.optim='adamw_9bit'", "train.neftune_noise_alpha=-1",
                 "train.report_to has ['tensorbord']", "peft.init_lora_weights='svd'", "train.warmup_steps=2.5",
                 "train.max_grad_norm=-1"):
         assert key in text, key
-    assert len(err.value.problems) == 8
+    assert len(err.value.problems) == 9
 
 
 def test_lora_variant_combinations_that_cannot_work():
@@ -50,6 +50,10 @@ def test_what_this_machine_cannot_run_is_refused_once_the_device_is_known():
     assert "train.optim='paged_adamw_8bit' needs CUDA" in str(err.value)
     assert "peft.init_lora_weights=loftq needs CUDA" in str(err.value)
     check_environment(cfg, "cuda")  # fine there
+    with pytest.raises(ConfigError, match="train.use_liger_kernel=true needs CUDA"):
+        check_environment(typed("train.use_liger_kernel=true"), "cpu")
+    with pytest.raises(ConfigError, match="liger-kernel package is not installed"):  # not a dependency here
+        check_environment(typed("train.use_liger_kernel=true"), "cuda")
     missing = "swanlab"  # not a dependency of this project, so not installed here
     with pytest.raises(ConfigError, match=f"train.report_to has '{missing}' but the {missing} package is not"):
         check_environment(typed(f"train.report_to=[tensorboard,{missing}]"), "cpu")
@@ -116,3 +120,37 @@ def test_unknown_target_module_lists_the_ones_the_model_has():
     assert "down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj" in text
     assert "peft.modules_to_save: 'wte'" in text and "embed_tokens" in text
     check_target_modules(model, typed("peft.target_modules=[q_proj,v_proj]").peft, "tiny")  # no error
+
+
+@pytest.mark.parametrize("overrides, strategy", [
+    ((), "random"),  # packed rows carry no padding to save
+    (("train.packing=false",), "group_by_length"),
+    (("train.packing=false", "train.train_sampling_strategy=random"), "random"),
+    (("train.train_sampling_strategy=sequential",), "sequential"),
+])
+def test_sampling_strategy_groups_lengths_when_packing_is_off(overrides, strategy, tmp_path):
+    args = sft_config(typed(*overrides), tmp_path, "cpu", has_eval=False)
+    assert args.train_sampling_strategy == strategy
+    assert args.use_liger_kernel is False
+
+
+def test_unpacked_training_batches_rows_of_similar_length(tmp_path):
+    """The sampler the Trainer really builds groups lengths: each micro-batch's rows are near in length."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from finetune.pipeline import prepare_data
+    from finetune.train import build_trainer
+
+    cfg = typed("device=cpu", "train.packing=false", "train.per_device_train_batch_size=4", "train.report_to=[]")
+    tokenizer, splits = prepare_data(cfg, tmp_path / "data")
+    trainer = build_trainer(cfg, splits, tokenizer, tmp_path / "run", "cpu")
+    loader = trainer.get_train_dataloader()
+    assert isinstance(loader.sampler if loader.batch_sampler is None else loader.batch_sampler.sampler,
+                      LengthGroupedSampler)
+    lengths = [len(r) for r in trainer.train_dataset["input_ids"]]
+    order = list(LengthGroupedSampler(4 * trainer.args.gradient_accumulation_steps, lengths=lengths))
+    batches = [[lengths[i] for i in order[k:k + 4]] for k in range(0, len(order) - 3, 4)]
+    padded = sum(4 * max(b) for b in batches)
+    shuffled = [lengths[i] for i in torch.randperm(len(lengths), generator=torch.Generator().manual_seed(0))]
+    padded_random = sum(4 * max(shuffled[k:k + 4]) for k in range(0, 4 * len(batches), 4))
+    assert padded < padded_random  # grouping computes fewer padded tokens than a random order

@@ -7,6 +7,7 @@ from typing import List, Optional
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd")
 CUDA_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")  # bitsandbytes optimizers
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+SAMPLING_STRATEGIES = ("auto", "random", "sequential", "group_by_length")  # batch_rebalance: multi-GPU only
 # report_to targets that transformers' integrations know; TensorBoard is on by default, the others are opt-in
 # because they need an account or a server.
 REPORTERS = ("tensorboard", "wandb", "mlflow", "trackio", "comet_ml", "clearml", "swanlab")
@@ -34,6 +35,13 @@ class TrainConfig:
     gradient_checkpointing: Optional[bool] = field(
         default=None, metadata={"help": "None = on for quantized models on GPU, off otherwise."}
     )
+    train_sampling_strategy: str = field(default="auto", metadata={
+        "help": "Order of training rows (TrainingArguments): auto = group_by_length when packing=false (rows of "
+                "similar length share a micro-batch, less padding), random when packing; or random, sequential, "
+                "group_by_length."})
+    use_liger_kernel: bool = field(default=False, metadata={
+        "help": "Liger's Triton kernels for RMSNorm, RoPE and SwiGLU (CUDA only; pip install liger-kernel). The "
+                "loss already runs in trl's fused head, so Liger's fused cross-entropy stays off."})
     neftune_noise_alpha: Optional[float] = field(default=None, metadata={"help": "NEFTune noise (e.g. 5); null = off."})
     dataloader_num_workers: int = 0
     report_to: List[str] = field(
@@ -81,6 +89,9 @@ class TrainConfig:
         if self.neftune_noise_alpha is not None and self.neftune_noise_alpha <= 0:
             out.append(f"train.neftune_noise_alpha={self.neftune_noise_alpha}: must be positive (the paper uses "
                        "5-15), or null for no noise")
+        if self.train_sampling_strategy not in SAMPLING_STRATEGIES:
+            out.append(f"train.train_sampling_strategy={self.train_sampling_strategy!r}: use one of "
+                       f"{', '.join(SAMPLING_STRATEGIES)}")
         if self.dataloader_num_workers < 0:
             out.append(f"train.dataloader_num_workers={self.dataloader_num_workers}: must be >= 0")
         unknown = [r for r in self.report_to if r not in REPORTERS]
