@@ -45,7 +45,7 @@ BENCHES = [
     Bench("train_throughput", ["--quick"], [("ratio", ">=", 2.0), ("val_loss_rel_diff", "<=", 0.05)],
           ["baseline_label_tokens_per_s", "project_label_tokens_per_s", "baseline_val_loss", "project_val_loss"]),
     Bench("memory", ["--quick"], [("ratio", "<=", 0.5)],
-          ["qlora_peak_mb", "lora16_peak_mb", "ratio_bf16_embed16", "qlora_load_peak_anon_mb", "bf16_copy_mb",
+          ["qlora_peak_mb", "lora16_peak_mb", "ratio_bf16_compute", "qlora_load_peak_anon_mb", "bf16_copy_mb",
            "qlora_load_below_bf16_copy"],
           timeout_s=360),
 ]
