@@ -50,9 +50,26 @@ def main(argv: list[str] | None = None) -> int:
     if name not in RECIPES or not script.is_file():
         print(f"finetune: unknown recipe {name!r}; choose one of: {', '.join(RECIPES)}", file=sys.stderr)
         return 2
-    sys.argv = [str(script), *rest]
+    sys.argv = [str(script), *rest, *_quiet_rank_overrides(rest)]
     runpy.run_path(str(script), run_name="__main__")
     return 0
+
+
+def _quiet_rank_overrides(rest: list[str], env: dict | None = None) -> list[str]:
+    """Under torchrun / accelerate every rank runs this command in the same run directory: ranks other than 0
+    log to the console only and leave <run>/.hydra to rank 0, so <run>/train.log is one process's log rather
+    than lines of every rank interleaved. A user's own choice of either setting wins."""
+    import os
+
+    env = os.environ if env is None else env
+    if env.get("RANK", "0") == "0":
+        return []
+    extra = []
+    if not any(a.startswith(("hydra/job_logging=", "+hydra/job_logging=")) for a in rest):
+        extra.append("hydra/job_logging=stdout")
+    if not any(a.startswith("hydra.output_subdir=") for a in rest):
+        extra.append("hydra.output_subdir=null")
+    return extra
 
 
 @contextlib.contextmanager

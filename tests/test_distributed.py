@@ -53,6 +53,17 @@ def test_only_rank_zero_writes_artifacts(ddp_and_single):
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     assert (run / "data" / "stats.json").is_file() and (run / "plots" / "loss.png").is_file()
     assert not list(run.glob(".tmp-*")) and not list((run / "checkpoints").glob(".tmp-*"))
+    # both ranks load the model; the run's log file is rank 0's alone (rank 1 logs to the console)
+    assert (run / "train.log").read_text().count("loaded embedded:tiny") == 1
+    assert "loaded embedded:tiny" in ddp_and_single[1].stderr + ddp_and_single[1].stdout
+
+
+def test_ranks_above_zero_keep_out_of_the_run_files():
+    from finetune.cli import _quiet_rank_overrides
+
+    assert _quiet_rank_overrides([], {"RANK": "0"}) == [] and _quiet_rank_overrides([], {}) == []
+    assert _quiet_rank_overrides([], {"RANK": "1"}) == ["hydra/job_logging=stdout", "hydra.output_subdir=null"]
+    assert _quiet_rank_overrides(["hydra/job_logging=disabled"], {"RANK": "3"}) == ["hydra.output_subdir=null"]
 
 
 @pytest.mark.parametrize("env,overrides,expect", [
