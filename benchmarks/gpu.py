@@ -150,8 +150,11 @@ def packed_row(total: int, vocab: int, device: str, seed: int) -> dict:
 
 def setup(b: Bench, rec: dict, state: dict) -> None:
     import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model
     from transformers import BitsAndBytesConfig, Qwen2Config, Qwen2ForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    from finetune.model import prepare_quantized_base
 
     a, dev = b.args, b.args.device
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32  # bf16 is 2-3x slower than fp32 on CPU
@@ -166,16 +169,18 @@ def setup(b: Bench, rec: dict, state: dict) -> None:
     gc.collect()
     kw: dict = {"dtype": dtype, "device_map": dev, "attn_implementation": attn}
     if a.quant == "nf4":
+        kw["dtype"] = "auto"  # as finetune.model.load_base_model: the checkpoint's own dtype
         kw["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
     model = Qwen2ForCausalLM.from_pretrained(state["tmp"], **kw)
     ckpt = not a.no_gradient_checkpointing
-    if a.quant == "nf4":  # embeddings/norms to fp32, base frozen, checkpointing + input grads when asked
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=ckpt,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif ckpt:
+    if a.quant == "nf4":  # the project's k-bit preparation: base frozen, norms fp32, the 16-bit table kept
+        prepare_quantized_base(model)
+    if ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    # the loss as the project's trainer computes it: trl's fused head scores the vocabulary in tiles
+    add_fused_lm_head(model)
     state["lora_config"] = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
                                       task_type="CAUSAL_LM")
     model = get_peft_model(model, state["lora_config"])
@@ -201,7 +206,7 @@ def train(b: Bench, rec: dict, state: dict, tokens: int) -> None:
 
     def step(batch: dict) -> torch.Tensor:
         with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
-            loss = model(**batch, use_cache=False).loss
+            loss = model(**batch, use_cache=False, fused_lm_head=True).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
