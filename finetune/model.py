@@ -183,7 +183,8 @@ def _widen_output(module, args, output):
 class _WidenedLinear:
     """forward of a frozen 16-bit output head fed fp32 hidden states (fp32 compute): widen the weight for the
     product instead of narrowing the input, so the logits equal those of peft's fp32 head. Under autocast the
-    product runs in the autocast dtype as before. A class, not a closure, so the model still pickles/deep-copies."""
+    product runs in the autocast dtype as before. An object holding the module rather than a closure over it, so
+    that a deep copy (peft's modules_to_save copies the head) computes with the copy's own weight."""
 
     def __init__(self, linear):
         self.linear = linear
