@@ -8,7 +8,8 @@ upcast to fp32 on a quantized base while the frozen embedding table stays in the
 (`finetune.model.prepare_quantized_base`), and trl's fused loss head, which scores the vocabulary in tiles and
 never holds the full logits. For Qwen2.5-3B with 2,048 tokens per micro-batch (nf4, r=16, AdamW,
 checkpointing) the plan is 3.9 GiB (8.1 GiB before the fused loss head and the 16-bit table); at 8,192
-tokens 8.0 GiB, most of it the sdpa packing mask and activations (flash_attention_2 needs neither mask).
+tokens 8.0 GiB, of it 2.25 GiB the fp32 layer inputs checkpointing keeps and 1.9 GiB the one layer it
+recomputes at a time.
 """
 from __future__ import annotations
 
