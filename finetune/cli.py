@@ -59,10 +59,9 @@ def _quiet_rank_overrides(rest: list[str], env: dict | None = None) -> list[str]
     """Under torchrun / accelerate every rank runs this command in the same run directory: ranks other than 0
     log to the console only and leave <run>/.hydra to rank 0, so <run>/train.log is one process's log rather
     than lines of every rank interleaved. A user's own choice of either setting wins."""
-    import os
+    from finetune.distributed import launch_info  # stdlib imports only: no cost on the start-up path
 
-    env = os.environ if env is None else env
-    if env.get("RANK", "0") == "0":
+    if launch_info(env).is_main:
         return []
     extra = []
     if not any(a.startswith(("hydra/job_logging=", "+hydra/job_logging=")) for a in rest):

@@ -142,22 +142,19 @@ def prepare_quantized_base(model, *, keep_embeddings_16bit: bool | None = None) 
     if keep_embeddings_16bit is None:
         keep_embeddings_16bit = launch_info().engine not in ("fsdp", "deepspeed")
     sixteen = (torch.float16, torch.bfloat16)
-    tables = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
-    kept = {id(m.weight) for m in tables} if keep_embeddings_16bit else set()
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    kept = {id(m.weight) for m in (emb, head) if m is not None} if keep_embeddings_16bit else set()
     for p in model.parameters():
         p.requires_grad = False
         # Params4bit stored as bf16 (quant.storage_dtype, for FSDP) are packed 4-bit codes: never cast them
         if p.dtype in sixteen and type(p).__name__ != "Params4bit" and id(p) not in kept:
             p.data = p.data.to(torch.float32)
     _keep_training_layout(model)
-    if not any(m.weight.dtype in sixteen for m in tables):
-        return
-    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     if emb.weight.dtype in sixteen:
         emb.register_forward_hook(_widen_output)
+        log.info("frozen embeddings kept in %s (peft would widen them to fp32)", emb.weight.dtype)
     if head is not None and head.weight.dtype in sixteen and type(head) is torch.nn.Linear:
         head.forward = _WidenedLinear(head)
-    log.info("frozen embeddings kept in %s (peft would widen them to fp32)", emb.weight.dtype)
 
 
 def _keep_training_layout(model) -> None:
@@ -190,19 +187,14 @@ class _WidenedLinear:
         self.linear = linear
 
     def __call__(self, x):
+        import torch
         import torch.nn.functional as F
 
         w, b = self.linear.weight, self.linear.bias
-        if x.dtype != w.dtype and not _autocast_on(x):
+        if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
             w = w.to(x.dtype)
             b = b.to(x.dtype) if b is not None else None
         return F.linear(x, w, b)
-
-
-def _autocast_on(x) -> bool:
-    import torch
-
-    return torch.is_autocast_enabled(x.device.type)
 
 
 def load_architecture(cfg: ModelConfig) -> dict[str, Any]:
