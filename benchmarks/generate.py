@@ -4,14 +4,14 @@
 
 Builds a run the way `finetune train` leaves one (random Qwen2-architecture base with the embedded
 tokenizer and ChatML template, a random r=16 all-linear LoRA adapter on its nf4 base), merges it with
-`finetune.merge.merge_adapter`, and generates for the 16 structured validation prompts of the demo data
-through `finetune.generate.generate` (greedy, KV cache):
+`finetune.merge.stream.merge_adapter`, and generates for the 16 structured validation prompts of the demo data
+through `finetune.generate.generation.generate` (greedy, KV cache):
 
   merged vs adapter      merged model (fp32, the CPU default; and bf16) vs the unmerged adapter on its nf4
                          base, as `generate.use_adapter=true` loads it; batch 16. Goal: merged >= 1.5x tokens/s.
   batched vs one by one  merged model (fp32 and bf16), 16 prompts in one length-sorted left-padded batch vs
                          batch_size=1. Goal: >= 5x.
-  constrained            merged fp32, batch 16, each row constrained to its schema (finetune.constrained) vs
+  constrained            merged fp32, batch 16, each row constrained to its schema (finetune.generate.constrained) vs
                          unconstrained, per decoding step (constrained rows may stop early), and the time spent
                          inside the processor (the mask) per step. Goal: at most 25% slower.
 
@@ -46,10 +46,10 @@ def build_run(root: Path, size: str):
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from finetune.merge import merge_adapter
-    from finetune.model import load_base_model
-    from finetune.schema import to_typed
-    from finetune.tiny import load_tiny_tokenizer, tiny_model_dir
+    from finetune.merge.stream import merge_adapter
+    from finetune.models.load import load_base_model
+    from finetune.config import to_typed
+    from finetune.models.tiny import load_tiny_tokenizer, tiny_model_dir
 
     tok = load_tiny_tokenizer()
     if size == "tiny":
@@ -78,7 +78,7 @@ def structured_prompts(tokenizer) -> tuple[list[list[int]], list[dict]]:
 
     from finetune.data import build_datasets, render_prompt
     from finetune.paths import CONFIG_DIR
-    from finetune.schema import register_configs, to_typed
+    from finetune.config import register_configs, to_typed
 
     register_configs()
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
@@ -92,7 +92,7 @@ def no_stop(tokenizer):
     """A logits_processor_factory that bans the stop tokens, so every row generates exactly max_new_tokens."""
     from transformers import LogitsProcessor, LogitsProcessorList
 
-    from finetune.generate import stop_token_ids
+    from finetune.generate.generation import stop_token_ids
 
     stops = stop_token_ids(tokenizer)
 
@@ -150,8 +150,8 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from finetune.generate import generate, load_merged, schema_processor_factory
-    from finetune.merge import load_adapter_model
+    from finetune.generate.generation import generate, load_merged, schema_processor_factory
+    from finetune.models.adapter import load_adapter_model
 
     root = Path(tempfile.mkdtemp(prefix="bench-generate-"))
     try:
@@ -204,7 +204,7 @@ def main() -> None:
 
 
 def _valid(text: str, schema: dict) -> bool:
-    from finetune.generate import schema_check
+    from finetune.generate.generation import schema_check
 
     return schema_check(text, schema)["schema_valid"] == 1.0
 

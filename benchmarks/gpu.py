@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # finetune.memory_plan, for the planned figure
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # finetune.train.memory_plan, for the planned figure
 
 QWEN25_3B = dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
                  num_key_value_heads=2, head_dim=128, vocab_size=151936, tie_word_embeddings=True)
@@ -154,7 +154,7 @@ def setup(b: Bench, rec: dict, state: dict) -> None:
     from transformers import BitsAndBytesConfig, Qwen2Config, Qwen2ForCausalLM
     from trl.trainer.utils import add_fused_lm_head
 
-    from finetune.model import prepare_quantized_base
+    from finetune.models.load import prepare_quantized_base
 
     a, dev = b.args, b.args.device
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32  # bf16 is 2-3x slower than fp32 on CPU
@@ -169,7 +169,7 @@ def setup(b: Bench, rec: dict, state: dict) -> None:
     gc.collect()
     kw: dict = {"dtype": dtype, "device_map": dev, "attn_implementation": attn}
     if a.quant == "nf4":
-        kw["dtype"] = "auto"  # as finetune.model.load_base_model: the checkpoint's own dtype
+        kw["dtype"] = "auto"  # as finetune.models.load.load_base_model: the checkpoint's own dtype
         kw["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
     model = Qwen2ForCausalLM.from_pretrained(state["tmp"], **kw)
@@ -235,16 +235,16 @@ def train(b: Bench, rec: dict, state: dict, tokens: int) -> None:
     print(f"-- train, {tokens} packed tokens per micro-batch")
     report("label tokens/s", rec["label_tokens_per_s"], ">= 30,000", rec["label_tokens_per_s"] >= 30_000)
     report("peak memory GiB", peak, "<= 8 GiB", peak <= 8.0)
-    report("planned memory GiB (finetune.memory_plan)", rec["planned_peak_gib"] or 0.0)
+    report("planned memory GiB (finetune.train.memory_plan)", rec["planned_peak_gib"] or 0.0)
     report(f"MFU % vs {a.peak_tflops:g} TFLOP/s (4N FLOPs/token)", 100 * mfu)
     b.result["checks"][f"label_tokens_per_s@{tokens} >= 30000"] = rec["label_tokens_per_s"] >= 30_000
     b.result["checks"][f"peak_mem_gib@{tokens} <= 8"] = peak <= 8.0
 
 
 def planned_gib(state: dict, tokens: int, part: str = "total") -> float | None:
-    """finetune.memory_plan's figure for this run (`total`, or `weights` + LoRA params), for comparison."""
+    """finetune.train.memory_plan's figure for this run (`total`, or `weights` + LoRA params), for comparison."""
     try:
-        from finetune.memory_plan import plan_memory
+        from finetune.train.memory_plan import plan_memory
 
         plan = plan_memory({**state["arch"], "qkv_bias": True}, quant_method=state["quant"], double_quant=True,
                            compute_dtype="bfloat16" if state["dtype"] is not None and "bfloat16" in str(state["dtype"])

@@ -7,13 +7,13 @@
 
 Builds a random model of Qwen2.5-0.5B's shape (hidden 896, intermediate 4864, 24 layers, 14/2 heads, vocab
 151,936, tied embeddings; 494 M parameters) in bf16, like the published checkpoint, and saves it once as
-safetensors. Then one fresh process per arm loads it through the project's `finetune.model.load_base_model`
-and trains it with the project's own trainer (`finetune.train.build_trainer`: LoRA r16 on all linear layers,
+safetensors. Then one fresh process per arm loads it through the project's `finetune.models.load.load_base_model`
+and trains it with the project's own trainer (`finetune.train.trainer.build_trainer`: LoRA r16 on all linear layers,
 fp32 adapter weights, AdamW, trl's padding-free packing and fused loss head) for a few optimizer steps of one
 packed row each:
 
   qlora        quant=nf4 as `finetune train` runs it on this machine: 4-bit weights, fp32 compute on CPU, the
-               frozen tied embedding kept in the checkpoint's bf16 (finetune.model.prepare_quantized_base)
+               frozen tied embedding kept in the checkpoint's bf16 (finetune.models.load.prepare_quantized_base)
   qlora_bf16   the same with quant.compute_dtype=bfloat16, the compute dtype a GPU run uses
   lora16       quant=none with bf16 weights and bf16 compute: "16-bit LoRA" (on CPU bf16 stands in for the
                GPU's 16-bit storage; the bytes are the same). transformers memory-maps the safetensors file
@@ -116,10 +116,10 @@ def measure(arm: str, root: Path, steps: int, seq_len: int) -> dict:
     from transformers import TrainerCallback
 
     from finetune.data import DataSplits
-    from finetune.model import load_base_model, resolve_dtype
-    from finetune.schema import to_typed
-    from finetune.tiny import load_tiny_tokenizer
-    from finetune.train import build_trainer
+    from finetune.models.load import load_base_model, resolve_dtype
+    from finetune.config import to_typed
+    from finetune.models.tiny import load_tiny_tokenizer
+    from finetune.train.trainer import build_trainer
 
     cfg = to_typed({
         "model": {"name_or_path": str(root / "model")}, "quant": ARMS[arm], "device": "cpu",

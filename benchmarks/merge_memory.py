@@ -6,7 +6,7 @@ Builds a random model with Qwen2.5-0.5B's shape (hidden 896, intermediate 4864, 
 vocab 151,936, tied embeddings; 494 M parameters) in bf16, saves it as safetensors shards (like the Hub
 checkpoint) with a random r=16 all-linear LoRA adapter, then merges it in fresh processes, one per way:
 
-  streamed_fp32      finetune.merge.merge_weights -> fp32 shards (the CPU default)
+  streamed_fp32      finetune.merge.stream.merge_weights -> fp32 shards (the CPU default)
   streamed_bf16      the same, bf16 output (the CUDA default)
   nf4_roundtrip      merge.base=nf4_roundtrip: the 4-bit base is loaded as in training, layers dequantized in turn
   peft_in_memory     AutoModelForCausalLM.from_pretrained(fp32) + PeftModel + merge_and_unload + save_pretrained
@@ -64,7 +64,7 @@ def measure(mode: str, root: Path) -> dict:
     """Run one merge; return its timing and memory figures."""
     import torch
 
-    from finetune.merge import merge_weights, nf4_dequantizer
+    from finetune.merge.stream import merge_weights, nf4_dequantizer
 
     out = root / f"out-{mode}"
     shutil.rmtree(out, ignore_errors=True)
@@ -78,7 +78,7 @@ def measure(mode: str, root: Path) -> dict:
         model = AutoModelForCausalLM.from_pretrained(root / "base", dtype=torch.float32)
         PeftModel.from_pretrained(model, str(root / "adapter")).merge_and_unload().save_pretrained(out)
     elif mode == "nf4_roundtrip":
-        from finetune.schema import to_typed
+        from finetune.config import to_typed
 
         cfg = to_typed({"model": {"name_or_path": str(root / "base")}, "quant": {"method": "nf4"}})
         lookup = nf4_dequantizer(cfg, "cpu")

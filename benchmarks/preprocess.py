@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from finetune.data import build_datasets  # noqa: E402
-from finetune.schema.data import DataConfig, SourceConfig  # noqa: E402
+from finetune.config.data import DataConfig, SourceConfig  # noqa: E402
 
 WORDS = "the a cat dog sky tree house blue green red small big runs eats sees likes today".split()
 
@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=20_000)
     args = parser.parse_args()
 
-    from finetune.tiny import load_tiny_tokenizer
+    from finetune.models.tiny import load_tiny_tokenizer
 
     tokenizer = load_tiny_tokenizer()
     with tempfile.TemporaryDirectory() as tmp:

@@ -7,7 +7,7 @@
 
 Both sides train the same random Qwen2-shape model (nf4 base, LoRA r16 all-linear, fp32 compute) on the same
 pre-tokenized rows (built once by the project's data stage) for one epoch, with the same optimizer settings
-and about the same tokens per optimizer step. The project side is `finetune.train.train` with the shipped
+and about the same tokens per optimizer step. The project side is `finetune.train.trainer.train` with the shipped
 default config (configs/train/default.yaml, no experiment preset); the baseline is a stock `SFTTrainer`
 with trl's defaults, fp32 compute, padding every batch to its longest row, no packing. Each run is its own
 subprocess; the runs alternate (B P, then P B, ...) so load from other jobs hits both sides alike, and each
@@ -75,7 +75,7 @@ def project_config(work: Path, settings: dict):
     from hydra import compose, initialize_config_dir
 
     from finetune.paths import CONFIG_DIR
-    from finetune.schema import register_configs, to_typed, validate
+    from finetune.config import register_configs, to_typed, validate
 
     register_configs()
     overrides = ["~experiment", "device=cpu", f"model.name_or_path={work / 'model'}", "model.architecture=null",
@@ -91,7 +91,7 @@ def prepare(work: Path, settings: dict) -> dict:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from finetune.data import build_datasets
-    from finetune.tiny import load_tiny_tokenizer, tiny_model_dir
+    from finetune.models.tiny import load_tiny_tokenizer, tiny_model_dir
 
     tok = load_tiny_tokenizer()
     if settings["size"] == "tiny":
@@ -190,8 +190,8 @@ def run_worker(side: str, work: Path, evaluate: bool) -> dict:
         from datasets import load_from_disk
 
         from finetune.data import DataSplits
-        from finetune.model import load_tokenizer
-        from finetune.train import train
+        from finetune.models.load import load_tokenizer
+        from finetune.train.trainer import train
 
         cfg = project_config(work, settings)
         splits = DataSplits(load_from_disk(work / "data" / "train"), None, {})
@@ -214,7 +214,7 @@ def val_loss(work: Path, settings: dict, adapter: Path) -> float:
     from datasets import load_from_disk
     from peft import PeftModel
 
-    from finetune.model import load_base_model
+    from finetune.models.load import load_base_model
 
     cfg = project_config(work, settings)
     model = PeftModel.from_pretrained(load_base_model(cfg.model, cfg.quant, "cpu"), str(adapter)).eval()
@@ -236,7 +236,7 @@ def differences(work: Path, settings: dict, data: dict) -> list[str]:
     the project does outside SFTConfig."""
     from trl import SFTConfig
 
-    from finetune.train import sft_config
+    from finetune.train.trainer import sft_config
 
     cfg = project_config(work, settings)
     ours = sft_config(cfg, work / "project_run", "cpu", has_eval=False).to_dict()

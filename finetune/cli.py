@@ -94,7 +94,7 @@ def setup(cfg, *, from_run: bool = False):
     """
     from omegaconf import OmegaConf
 
-    from finetune.schema import to_typed, validate
+    from finetune.config import to_typed, validate
 
     if from_run:
         if not cfg.get("run"):
@@ -119,6 +119,6 @@ def save_resolved_config(cfg, path: Path) -> None:
     """config.yaml: the fully resolved config; `finetune train --config-path DIR --config-name config` reruns it."""
     from omegaconf import OmegaConf
 
-    from finetune.runs import write_text_atomic
+    from finetune.files import write_text_atomic
 
     write_text_atomic(path, OmegaConf.to_yaml(cfg, resolve=True))

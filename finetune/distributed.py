@@ -49,7 +49,7 @@ def launch_problems(*, launch: Launch, per_device_batch: int, global_batch: int 
                     quant_method: str, storage_dtype: str | None, deepspeed_config: str | None) -> list[str]:
     """Setups that would fail late or train wrongly, as messages naming the keys involved."""
     out: list[str] = []
-    if global_batch is not None:  # it replaces gradient_accumulation_steps (derived in finetune.train)
+    if global_batch is not None:  # it replaces gradient_accumulation_steps (derived in finetune.train.trainer)
         per_step = launch.world_size * per_device_batch
         if global_batch % per_step:
             out.append(

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from finetune.errors import ConfigError, FinetuneError
-from finetune.schema import FinetuneConfig
+from finetune.config import FinetuneConfig
 
 log = logging.getLogger("finetune")
 
@@ -20,7 +20,7 @@ def prepare_data(cfg: FinetuneConfig, run_dir: Path):
     """
     from finetune.data import build_datasets, write_stats
     from finetune.distributed import is_main_process, main_process_first
-    from finetune.model import load_tokenizer
+    from finetune.models.load import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
     with main_process_first(cfg.device):
@@ -31,14 +31,14 @@ def prepare_data(cfg: FinetuneConfig, run_dir: Path):
 
 
 def memory_plan(cfg: FinetuneConfig):
-    """The accelerator memory plan of this config (finetune.memory_plan), from `model.architecture` or, when that
+    """The accelerator memory plan of this config (finetune.train.memory_plan), from `model.architecture` or, when that
     is absent, the model's config.json (never the weights).
 
     Raises:
         FinetuneError: no architecture numbers can be found, or the plan rejects a value (the key is named).
     """
-    from finetune.memory_plan import plan_from_config
-    from finetune.model import load_architecture
+    from finetune.train.memory_plan import plan_from_config
+    from finetune.models.load import load_architecture
 
     arch = load_architecture(cfg.model)
     planned = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, architecture=arch))
@@ -50,7 +50,7 @@ def memory_plan(cfg: FinetuneConfig):
 
 def plan_text(cfg: FinetuneConfig) -> str:
     """The plan as printed by `finetune train ... train.plan_only=true` (and logged before training)."""
-    from finetune.memory_plan import format_plan
+    from finetune.train.memory_plan import format_plan
 
     return (f"accelerator memory plan for {cfg.model.name_or_path} ({cfg.quant.method}, LoRA r={cfg.peft.r}, "
             f"{cfg.data.max_length} tokens x micro-batch {cfg.train.per_device_train_batch_size}):\n"
@@ -65,7 +65,7 @@ def resolve_resume(cfg: FinetuneConfig, run_dir: Path) -> Path | None:
     Raises:
         FinetuneError: the named checkpoint is missing/incomplete, or made for another base model or LoRA shape.
     """
-    from finetune.checkpoint import check_compatible, clean_staging, find_resume_checkpoint
+    from finetune.train.checkpoint import check_compatible, clean_staging, find_resume_checkpoint
 
     clean_staging(Path(run_dir) / "checkpoints")
     checkpoint = find_resume_checkpoint(cfg.train.resume, Path(run_dir))
@@ -82,8 +82,8 @@ def preflight(cfg: FinetuneConfig) -> None:
         ConfigError: a CUDA-only option without CUDA, a logger that is not installed, an unknown module.
     """
     from finetune.distributed import launch_info, launch_problems
-    from finetune.model import resolve_device, target_module_problems_from_config
-    from finetune.train import environment_problems
+    from finetune.models.load import resolve_device, target_module_problems_from_config
+    from finetune.train.trainer import environment_problems
 
     device = resolve_device(cfg.device)
     problems = launch_problems(
@@ -100,9 +100,9 @@ def run_training(cfg: FinetuneConfig, run_dir: Path) -> dict:
 
     Prints and returns the one-line JSON run summary.
     """
-    from finetune.checkpoint import step_of, trim_metrics
+    from finetune.train.checkpoint import step_of, trim_metrics
     from finetune.distributed import is_main_process
-    from finetune.train import train
+    from finetune.train.trainer import train
 
     run_dir = Path(run_dir)
     preflight(cfg)
@@ -133,11 +133,11 @@ def run_training(cfg: FinetuneConfig, run_dir: Path) -> dict:
         "loss_plot": _plot(cfg, run_dir),
     }
     if cfg.merge.enabled:
-        from finetune.merge import merge_adapter
+        from finetune.merge.stream import merge_adapter
 
         summary["merged"] = str(merge_adapter(cfg, run_dir))
         if cfg.eval.enabled:
-            from finetune.evaluation import evaluate_run
+            from finetune.evaluation.run import evaluate_run
 
             summary["eval"] = evaluate_run(cfg, run_dir, val=splits.val)
     print(json.dumps(summary))
@@ -151,7 +151,7 @@ def _log_plan(cfg: FinetuneConfig):
     except FinetuneError as e:
         log.warning("no memory plan: %s", e)
         return None
-    from finetune.memory_plan import format_plan
+    from finetune.train.memory_plan import format_plan
 
     log.info("accelerator memory plan (bf16 compute unless quant.compute_dtype says otherwise):\n%s",
              format_plan(plan))
@@ -159,7 +159,7 @@ def _log_plan(cfg: FinetuneConfig):
 
 
 def _plot(cfg: FinetuneConfig, run_dir: Path) -> str | None:
-    from finetune.plots import plot_losses
+    from finetune.train.plots import plot_losses
 
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():

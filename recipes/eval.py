@@ -8,7 +8,7 @@ import hydra
 from omegaconf import DictConfig
 
 from finetune.cli import setup, user_errors
-from finetune.schema import register_configs
+from finetune.config import register_configs
 
 register_configs()
 
@@ -21,7 +21,7 @@ def main(cfg: DictConfig) -> None:
         import json
         from pathlib import Path
 
-        from finetune.evaluation import evaluate_run
+        from finetune.evaluation.run import evaluate_run
 
         metrics = evaluate_run(typed, Path(typed.run))
         print(json.dumps({"report": str(Path(typed.run) / "eval" / "report.md"), **metrics}))

@@ -9,7 +9,7 @@ import hydra
 from omegaconf import DictConfig
 
 from finetune.cli import setup, user_errors
-from finetune.schema import register_configs
+from finetune.config import register_configs
 
 register_configs()
 
@@ -22,7 +22,7 @@ def main(cfg: DictConfig) -> None:
         import json
         from pathlib import Path
 
-        from finetune.export import export_gguf
+        from finetune.export.run import export_gguf
 
         out = export_gguf(typed, Path(typed.run))
         report = json.loads((out / "export.json").read_text())

@@ -10,7 +10,7 @@ import hydra
 from omegaconf import DictConfig
 
 from finetune.cli import setup, user_errors
-from finetune.schema import register_configs
+from finetune.config import register_configs
 
 register_configs()
 
@@ -22,7 +22,7 @@ def main(cfg: DictConfig) -> None:
 
         from pathlib import Path
 
-        from finetune.generate import generate_run
+        from finetune.generate.generation import generate_run
 
         out = generate_run(typed, Path(typed.run) if typed.run else None)
         if out is not None:

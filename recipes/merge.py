@@ -9,7 +9,7 @@ import hydra
 from omegaconf import DictConfig
 
 from finetune.cli import setup, user_errors
-from finetune.schema import register_configs
+from finetune.config import register_configs
 
 register_configs()
 
@@ -22,7 +22,7 @@ def main(cfg: DictConfig) -> None:
         import json
         from pathlib import Path
 
-        from finetune.merge import merge_adapter
+        from finetune.merge.stream import merge_adapter
 
         out = merge_adapter(typed, Path(typed.run) if typed.run else None)
         parity = json.loads((out / "parity.json").read_text())

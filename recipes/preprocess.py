@@ -8,7 +8,7 @@ import hydra
 from omegaconf import DictConfig
 
 from finetune.cli import run_dir, save_resolved_config, setup, user_errors
-from finetune.schema import register_configs
+from finetune.config import register_configs
 
 register_configs()
 

@@ -15,7 +15,7 @@ import hydra
 from omegaconf import DictConfig
 
 from finetune.cli import run_dir, save_resolved_config, setup, user_errors
-from finetune.schema import register_configs
+from finetune.config import register_configs
 
 register_configs()
 
@@ -41,7 +41,7 @@ def main(cfg: DictConfig) -> None:
 
         from finetune.distributed import is_main_process
         from finetune.pipeline import preflight, resolve_resume, run_training
-        from finetune.train import TrainingStopped
+        from finetune.train.trainer import TrainingStopped
 
         preflight(typed)  # refused settings, or a refused resume, must not overwrite the run's config.yaml
         resolve_resume(typed, out)

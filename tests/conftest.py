@@ -14,7 +14,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tiny_dir():
-    from finetune.tiny import tiny_model_dir
+    from finetune.models.tiny import tiny_model_dir
 
     return tiny_model_dir()
 

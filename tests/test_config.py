@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 from tests.support import run_cli
 from finetune.errors import ConfigError
 from finetune.paths import CONFIG_DIR
-from finetune.schema import FinetuneConfig, register_configs, to_typed, validate
+from finetune.config import FinetuneConfig, register_configs, to_typed, validate
 
 register_configs()
 GROUPS = ["model", "quant", "peft", "data", "train", "eval", "merge", "generate", "export"]

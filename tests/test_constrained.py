@@ -7,11 +7,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from finetune.constrained import check_available, json_schema_processor
+from finetune.generate.constrained import check_available, json_schema_processor
 from finetune.errors import FinetuneError
 
 # Bounded on purpose: the mask keeps every prefix valid but cannot make a model that does not know the
-# format finish a string, number or array (see the limitation in finetune/constrained.py).
+# format finish a string, number or array (see the limitation in finetune/generate/constrained.py).
 PERSON = {
     "type": "object",
     "properties": {

@@ -1,7 +1,7 @@
 """The lm-evaluation-harness bridge, offline: the project's local demo tasks on the embedded tiny model.
 
 The harness must see exactly our model and chat template: its log-likelihoods of the multiple-choice
-letters equal our own forward pass, and its greedy answers equal finetune.generate's.
+letters equal our own forward pass, and its greedy answers equal finetune.generate.generation's.
 """
 import json
 
@@ -10,9 +10,9 @@ import torch
 
 from finetune.data import render_prompt
 from finetune.errors import FinetuneError
-from finetune.eval_harness import DEMO_TASKS, run_benchmarks, summarize, task_manager, write_demo_tasks
-from finetune.generate import generate
-from finetune.schema import to_typed
+from finetune.evaluation.harness import DEMO_TASKS, run_benchmarks, summarize, task_manager, write_demo_tasks
+from finetune.generate.generation import generate
+from finetune.config import to_typed
 
 LIMIT = 4
 
@@ -110,9 +110,9 @@ def test_eval_lm_harness_puts_benchmarks_for_tuned_and_base_in_the_report(tmp_pa
 
     from hydra import compose, initialize_config_dir
 
-    from finetune.evaluation import evaluate_run
+    from finetune.evaluation.run import evaluate_run
     from finetune.paths import CONFIG_DIR
-    from finetune.schema import register_configs, validate
+    from finetune.config import register_configs, validate
 
     register_configs()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):

@@ -5,9 +5,9 @@ import pytest
 from sacrebleu.metrics import CHRF
 
 from finetune.errors import ConfigError
-from finetune.evaluation import check_gates
-from finetune.metrics import aggregate, deltas, field_counts, flatten, normalize_text, score_row, word_diff
-from finetune.schema import EvalGates, to_typed, validate
+from finetune.evaluation.run import check_gates
+from finetune.evaluation.metrics import aggregate, deltas, field_counts, flatten, normalize_text, score_row, word_diff
+from finetune.config import EvalGates, to_typed, validate
 
 SCHEMA = json.dumps({"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
                      "required": ["name", "age"], "additionalProperties": False})

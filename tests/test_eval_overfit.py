@@ -77,7 +77,7 @@ def test_overfit_4_rows_in_process(tmp_path):
 
     from finetune.paths import CONFIG_DIR
     from finetune.pipeline import run_training
-    from finetune.schema import register_configs, to_typed, validate
+    from finetune.config import register_configs, to_typed, validate
 
     register_configs()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):

@@ -9,13 +9,13 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-import finetune.generate
+import finetune.generate.generation
 from tests.support import run_cli
 from finetune.data import build_datasets
-from finetune.evaluation import GateFailure, evaluate_model, evaluate_run, target_loss
-from finetune.generate import Generation
+from finetune.evaluation.run import GateFailure, evaluate_model, evaluate_run, target_loss
+from finetune.generate.generation import Generation
 from finetune.paths import CONFIG_DIR
-from finetune.schema import register_configs, to_typed, validate
+from finetune.config import register_configs, to_typed, validate
 
 register_configs()
 SOURCES = ("data.sources=[{path:demo:structured_train.jsonl,format:structured,split:train,max_samples:4},"
@@ -91,7 +91,7 @@ def test_each_row_is_scored_against_its_own_target(model_and_val, monkeypatch):
             out.append(Generation(edit(target), 5, True))
         return out
 
-    monkeypatch.setattr(finetune.generate, "generate", oracle)
+    monkeypatch.setattr(finetune.generate.generation, "generate", oracle)
     edit = lambda t: t  # noqa: E731
     metrics, preds = evaluate_model(model, tok, val, cfg)
     assert len(seen) == len(val) == metrics["rows"] == 8

@@ -36,4 +36,4 @@ def test_train_then_export_f16_and_q8_0(tmp_path):
     assert v8["ok"] == (v8["identical_greedy_outputs"] == 4)
     if not v8["ok"]:
         assert "differs from the merged model's" in summary8["warning"]
-        assert f"[finetune.export][WARNING] - {summary8['warning']}" in printed8  # logged, not only in the JSON
+        assert f"[finetune.export.run][WARNING] - {summary8['warning']}" in printed8  # logged, not only in the JSON

@@ -17,8 +17,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.support import run_cli
 from finetune.errors import FinetuneError
-from finetune.export import export_gguf
-from finetune.generate import generate
+from finetune.export.run import export_gguf
+from finetune.generate.generation import generate
 from tests.test_merge_weights import compose_config
 
 CHATS = [
@@ -237,7 +237,7 @@ def test_extra_or_missing_tensors_fail_before_writing(run, tmp_path):
 
 
 def test_tokenizer_without_a_known_llama_cpp_pre_tokenizer_is_refused(run, tmp_path):
-    from finetune.export_gguf import check_tokenizer
+    from finetune.export.gguf import check_tokenizer
 
     folder = tmp_path / "tok"
     shutil.copytree(run / "merged", folder)
@@ -293,7 +293,7 @@ def test_run_without_merged_model_is_a_clear_error(tmp_path):
 
 
 def test_config_problems_are_listed_together():
-    from finetune.schema import ExportConfig
+    from finetune.config import ExportConfig
 
     problems = ExportConfig(quant="q3", verify="ollama", verify_max_new_tokens=0, name="a/b").problems()
     assert len(problems) == 4
@@ -303,9 +303,9 @@ def test_config_problems_are_listed_together():
 
 
 def test_k_quants_without_llama_cpp_fail_before_writing(run, tmp_path, monkeypatch):
-    import finetune.export_verify
+    import finetune.export.verify
 
-    monkeypatch.setattr(finetune.export_verify, "llama_cpp_available", lambda: False)
+    monkeypatch.setattr(finetune.export.verify, "llama_cpp_available", lambda: False)
     with pytest.raises(FinetuneError, match=r"q4_k_m is made by llama.cpp's quantizer: pip install 'finetune\[llamacpp\]'"):
         export_gguf(export_cfg(run, "export.quant=q4_k_m", f"export.output={tmp_path}/out"), run)
     with pytest.raises(FinetuneError, match=r"export.verify=llama_cpp needs llama-cpp-python"):
@@ -314,7 +314,7 @@ def test_k_quants_without_llama_cpp_fail_before_writing(run, tmp_path, monkeypat
 
 
 def test_a_file_whose_tokenizer_reads_differently_is_not_published(run, tmp_path, monkeypatch):
-    import finetune.export_gguf as writer
+    import finetune.export.gguf as writer
 
     table = writer._token_table
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from finetune.export import export_gguf
-from finetune.generate import stop_token_ids
+from finetune.export.run import export_gguf
+from finetune.generate.generation import stop_token_ids
 from tests.test_export_gguf import PROMPTS, _prompt_ids, export_cfg, greedy, make_run
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: run `make test-llamacpp`")
@@ -62,7 +62,7 @@ def test_llama_cpp_generates_what_transformers_generates(run, tmp_path, quant):
 
 def test_llama_cpp_renders_the_chat_template_like_transformers(run, tmp_path):
     out = export_gguf(export_cfg(run, f"export.output={tmp_path}/o", "export.verify=none"), run)
-    from finetune.export_verify import PROBE, LlamaCppReader
+    from finetune.export.verify import PROBE, LlamaCppReader
 
     tok = AutoTokenizer.from_pretrained(run / "merged")
     reader = LlamaCppReader(out / "demo-f16.gguf", n_ctx=128)

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from finetune.export_ollama import go_template, template_parts, write_modelfile
+from finetune.export.ollama import go_template, template_parts, write_modelfile
 
 # Written for these tests, in the shapes real templates take.
 DEFAULT_SYSTEM = (  # Qwen2.5's shape: a default system turn when the chat does not start with one

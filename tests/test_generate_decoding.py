@@ -4,7 +4,7 @@ import torch
 from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 
 from finetune.data import render_prompt
-from finetune.generate import end_of_turn_id, generate, stop_token_ids
+from finetune.generate.generation import end_of_turn_id, generate, stop_token_ids
 
 CONVS = [[{"role": "user", "content": "Hi"}],
          [{"role": "user", "content": "Extract the name and the age from: Ada is 36 and lives in London."}],
@@ -88,7 +88,7 @@ def test_sampling_follows_the_seed_and_greedy_ignores_it(model, tiny_tokenizer):
 
 
 def test_max_new_tokens_is_capped_at_8192_by_the_config():
-    from finetune.schema import GenerateConfig
+    from finetune.config import GenerateConfig
 
     assert GenerateConfig(max_new_tokens=8192).problems() == []
     assert GenerateConfig(max_new_tokens=8193).problems() == ["generate.max_new_tokens=8193: must be in 1..8192"]

@@ -5,7 +5,7 @@ import pytest
 
 from tests.support import run_cli
 from finetune.errors import DataError
-from finetune.generate import read_prompts
+from finetune.generate.generation import read_prompts
 
 
 def write(path, lines):

@@ -1,5 +1,5 @@
 """`finetune generate`: merged model by default, adapter on request, jsonl out, interactive chat,
-schema-constrained decoding through finetune.constrained (issue items 4 and 5)."""
+schema-constrained decoding through finetune.generate.constrained (issue items 4 and 5)."""
 import json
 
 import jsonschema
@@ -7,8 +7,8 @@ import pytest
 
 from tests.support import run_cli
 from finetune.errors import DataError, FinetuneError
-from finetune.generate import chat, generate_run
-from finetune.merge import merge_adapter
+from finetune.generate.generation import chat, generate_run
+from finetune.merge.stream import merge_adapter
 from tests.test_merge_parity import run_cfg
 from tests.test_merge_weights import make_run
 
@@ -55,7 +55,7 @@ def test_val_split_by_default_and_the_unmerged_adapter_on_request(run, tmp_path)
 
 
 def test_interactive_chat_keeps_history_and_resets(run, capsys):
-    from finetune.generate import load_generation_model
+    from finetune.generate.generation import load_generation_model
 
     cfg = run_cfg(run, "generate.interactive=true", "generate.max_new_tokens=5", "generate.system=Be brief.")
     model, tok = load_generation_model(cfg, run, "cpu")
@@ -85,7 +85,7 @@ def test_interactive_chat_on_the_command_line(run, tmp_path):
 
 
 def test_constrained_outputs_parse_and_validate_against_each_rows_schema(run, tmp_path):
-    """End to end through the real command: finetune.constrained's processor, one schema per row."""
+    """End to end through the real command: finetune.generate.constrained's processor, one schema per row."""
     (tmp_path / "colour.json").write_text(json.dumps(COLOUR))
     rows = [{"prompt": "Extract: Ada is 36.", "schema": PERSON},
             {"prompt": "Pick a colour."},  # gets generate.schema

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from finetune.memory_plan import GIB, count_parameters, format_plan, lora_parameter_count, plan_memory
+from finetune.train.memory_plan import GIB, count_parameters, format_plan, lora_parameter_count, plan_memory
 
 QWEN25_3B = dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
                  num_key_value_heads=2, head_dim=128, vocab_size=151936, tie_word_embeddings=True, qkv_bias=True)
@@ -93,8 +93,8 @@ def test_plan_from_the_shipped_qwen_config():
 
     from omegaconf import OmegaConf
 
-    from finetune.memory_plan import plan_from_config
-    from finetune.schema import to_typed
+    from finetune.train.memory_plan import plan_from_config
+    from finetune.config import to_typed
 
     model = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs/model/qwen2_5_3b_instruct.yaml")
     cfg = to_typed({"model": model, "data": {"max_length": 2048}, "train": {"per_device_train_batch_size": 4}})

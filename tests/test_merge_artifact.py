@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.support import run_cli
 from finetune.errors import FinetuneError
-from finetune.merge import merge_adapter
+from finetune.merge.stream import merge_adapter
 from tests.test_merge_parity import run_cfg
 from tests.test_merge_weights import make_run
 
@@ -93,12 +93,12 @@ def test_existing_output_is_refused_then_replaced_with_overwrite(merged_run):
 
 def test_a_crash_leaves_the_old_output_and_no_half_written_folder(tmp_path, monkeypatch):
     run = make_run(tmp_path / "run", "quant=none")
-    import finetune.merge
+    import finetune.merge.stream
 
     def crash(*args, **kwargs):
         raise RuntimeError("simulated crash after the shards were written")
 
-    monkeypatch.setattr(finetune.merge, "parity_report", crash)
+    monkeypatch.setattr(finetune.merge.stream, "parity_report", crash)
     with pytest.raises(RuntimeError, match="simulated"):
         merge_adapter(run_cfg(run), run)
     assert not (run / "merged").exists() and not list(run.glob(".merged*"))
@@ -148,7 +148,7 @@ def test_cli_errors_are_one_clear_line_without_traceback(tmp_path):
 
 
 def test_model_card_is_refreshed_with_later_eval_metrics(merged_run, tmp_path):
-    from finetune.merge import write_model_card
+    from finetune.merge.stream import write_model_card
 
     run = tmp_path / "run"
     shutil.copytree(merged_run[0], run)

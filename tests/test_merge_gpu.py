@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from finetune.generate import generate, load_merged
-from finetune.merge import merge_adapter
+from finetune.generate.generation import generate, load_merged
+from finetune.merge.stream import merge_adapter
 from tests.test_merge_parity import run_cfg
 from tests.test_merge_weights import make_run
 

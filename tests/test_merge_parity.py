@@ -6,7 +6,7 @@ import pytest
 
 from tests.support import run_cli
 from finetune.cli import setup
-from finetune.merge import base_checkpoint_dir, merge_adapter, parity_report
+from finetune.merge.stream import base_checkpoint_dir, merge_adapter, parity_report
 from tests.test_merge_weights import compose_config, make_run
 
 
@@ -46,7 +46,7 @@ def test_nf4_roundtrip_merges_into_exactly_the_dequantized_weights(tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from finetune.model import load_base_model
+    from finetune.models.load import load_base_model
 
     run = make_run(tmp_path / "run", target_modules=["q_proj"])
     cfg = run_cfg(run, "merge.base=nf4_roundtrip", "merge.parity_prompts=0")
@@ -74,7 +74,7 @@ def test_low_agreement_warns_loudly_and_in_the_report(tmp_path, caplog):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(run / "adapter")
-    with caplog.at_level(logging.WARNING, logger="finetune.merge"):
+    with caplog.at_level(logging.WARNING, logger="finetune.merge.stream"):
         report = parity_report(cfg, run / "adapter", merged_other, tokenizer, "cpu")
     assert report["greedy_token_agreement"] < 0.999 and not report["ok"]
     assert "merge.parity_threshold=0.999" in report["warning"]

@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from finetune.merge import merge_weights
+from finetune.merge.stream import merge_weights
 
 TOKENS = torch.tensor([[5, 17, 99, 230, 41, 7, 300, 12, 64, 400], [8, 9, 10, 11, 12, 13, 14, 15, 16, 17]])
 
@@ -23,7 +23,7 @@ def compose_config(*overrides: str):
     from hydra import compose, initialize_config_dir
 
     from finetune.paths import CONFIG_DIR
-    from finetune.schema import register_configs
+    from finetune.config import register_configs
 
     register_configs()
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
@@ -50,8 +50,8 @@ def make_run(root: Path, *overrides: str, seed: int = 0, **lora) -> Path:
     """A run directory like `finetune train` leaves one (config.yaml, adapter/ with tokenizer), untrained adapter."""
     from omegaconf import OmegaConf
 
-    from finetune.model import load_base_model, load_tokenizer
-    from finetune.schema import to_typed
+    from finetune.models.load import load_base_model, load_tokenizer
+    from finetune.config import to_typed
 
     cfg = compose_config(*overrides)
     root.mkdir(parents=True, exist_ok=True)

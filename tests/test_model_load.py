@@ -6,8 +6,8 @@ import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from finetune.model import load_base_model, prepare_quantized_base, quantization_config
-from finetune.schema import to_typed
+from finetune.models.load import load_base_model, prepare_quantized_base, quantization_config
+from finetune.config import to_typed
 
 SHAPE = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=1024, max_position_embeddings=256)

@@ -4,7 +4,7 @@ import json
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from finetune.tiny import SPECIAL_TOKENS, _corpus, _train_tokenizer
+from finetune.models.tiny import SPECIAL_TOKENS, _corpus, _train_tokenizer
 
 SAMPLES = [
     "Hello, world!",
@@ -44,7 +44,7 @@ def test_model_shape_and_determinism(tiny_dir, tmp_path, monkeypatch):
     assert tok.convert_tokens_to_ids("<|im_end|>") in gen["eos_token_id"]
 
     monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path))
-    from finetune.tiny import tiny_model_dir
+    from finetune.models.tiny import tiny_model_dir
 
     rebuilt = tiny_model_dir()
     assert rebuilt != tiny_dir and rebuilt.name == tiny_dir.name

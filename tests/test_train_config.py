@@ -6,10 +6,10 @@ from hydra import compose, initialize_config_dir
 
 from tests.support import run_cli
 from finetune.errors import ConfigError
-from finetune.model import check_target_modules, load_base_model, resolve_dtype
+from finetune.models.load import check_target_modules, load_base_model, resolve_dtype
 from finetune.paths import CONFIG_DIR
-from finetune.schema import register_configs, to_typed, validate
-from finetune.train import check_environment, lora_config, sft_config, use_gradient_checkpointing
+from finetune.config import register_configs, to_typed, validate
+from finetune.train.trainer import check_environment, lora_config, sft_config, use_gradient_checkpointing
 
 register_configs()
 
@@ -139,7 +139,7 @@ def test_unpacked_training_batches_rows_of_similar_length(tmp_path):
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
     from finetune.pipeline import prepare_data
-    from finetune.train import build_trainer
+    from finetune.train.trainer import build_trainer
 
     cfg = typed("device=cpu", "train.packing=false", "train.per_device_train_batch_size=4", "train.report_to=[]")
     tokenizer, splits = prepare_data(cfg, tmp_path / "data")

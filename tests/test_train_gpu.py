@@ -64,8 +64,8 @@ import sys, torch
 from hydra import compose, initialize_config_dir
 from finetune.paths import CONFIG_DIR
 from finetune.pipeline import prepare_data
-from finetune.schema import register_configs, to_typed, validate
-from finetune.train import build_trainer
+from finetune.config import register_configs, to_typed, validate
+from finetune.train.trainer import build_trainer
 import bitsandbytes as bnb
 register_configs()
 with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
@@ -74,7 +74,7 @@ with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
 tok, splits = prepare_data(cfg, sys.argv[1])
 trainer = build_trainer(cfg, splits, tok, __import__("pathlib").Path(sys.argv[1]), "cuda")
 from safetensors.torch import load_file
-from finetune.model import model_path
+from finetune.models.load import model_path
 original = load_file(model_path(cfg.model) + "/model.safetensors")
 layer = trainer.model.base_model.model.model.layers[0].self_attn.q_proj
 w = original["model.layers.0.self_attn.q_proj.weight"].cuda().float()

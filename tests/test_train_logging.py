@@ -6,7 +6,7 @@ import struct
 import pytest
 
 from tests.support import run_cli
-from finetune.plots import plot_losses, read_loss_curves
+from finetune.train.plots import plot_losses, read_loss_curves
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def test_loss_curves_from_metrics(tmp_path):
 
 
 def test_plan_only_prints_the_3b_plan_offline_and_trains_nothing(tmp_path):
-    from finetune.memory_plan import GIB, plan_memory
+    from finetune.train.memory_plan import GIB, plan_memory
 
     res = run_cli("train", "experiment=qwen2_5_3b_json_qlora", "train.plan_only=true", f"hydra.run.dir={tmp_path}")
     assert res.returncode == 0, res.stderr[-3000:]

@@ -10,12 +10,12 @@ from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from finetune import train as train_mod
-from finetune.checkpoint import META_NAME, REQUIRED_FILES, complete_checkpoints, find_resume_checkpoint, step_of
+from finetune.train import trainer as train_mod
+from finetune.train.checkpoint import META_NAME, REQUIRED_FILES, complete_checkpoints, find_resume_checkpoint, step_of
 from finetune.errors import FinetuneError
 from finetune.paths import CONFIG_DIR
 from finetune.pipeline import prepare_data, resolve_resume
-from finetune.schema import register_configs, to_typed, validate
+from finetune.config import register_configs, to_typed, validate
 
 register_configs()
 FAST = ["train.max_steps=4", "train.save_steps=1", "train.save_total_limit=2", "train.report_to=[]",

@@ -8,11 +8,11 @@ from hydra import compose, initialize_config_dir
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from finetune.model import load_base_model
+from finetune.models.load import load_base_model
 from finetune.paths import CONFIG_DIR
 from finetune.pipeline import prepare_data
-from finetune.schema import register_configs, to_typed
-from finetune.train import build_trainer, save_adapter
+from finetune.config import register_configs, to_typed
+from finetune.train.trainer import build_trainer, save_adapter
 
 register_configs()
 

@@ -6,16 +6,17 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from finetune.data import cache
-from finetune.data.formats import Example, make_adapter
+from finetune.data.formats import CHAT_ADAPTERS, Example
 from finetune.data.length import fit_length
 from finetune.data.render import Encoded, special_tokens
 from finetune.data.sources import RowError, read_records
+from finetune.data.structured import StructuredBuilder
 from finetune.data.stats import RowCounter, split_stats, summary_line
 from finetune.errors import ConfigError, DataError
-from finetune.schema.data import DataConfig
+from finetune.config.data import DataConfig, SourceConfig, StructuredConfig
 
 log = logging.getLogger("finetune.data")
 
@@ -35,6 +36,15 @@ class DataSplits:
 class _Row:
     example: Example
     enc: Encoded
+
+
+def make_adapter(src: SourceConfig, structured: StructuredConfig) -> Callable[[dict], Example]:
+    """The row -> Example function for one source."""
+    cols = dict(src.columns or {})
+    if src.format == "structured":
+        return StructuredBuilder(src, structured).build
+    adapter = CHAT_ADAPTERS[src.format]
+    return lambda row: adapter(row, cols)
 
 
 def _features():

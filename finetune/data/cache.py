@@ -18,7 +18,7 @@ from typing import Any
 
 from finetune.data.sources import fingerprint
 from finetune.paths import cache_root
-from finetune.schema.data import DataConfig
+from finetune.config.data import DataConfig
 
 # Bump when the preprocessing code changes what it produces for the same inputs.
 CODE_VERSION = "1"

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from finetune.data.sources import RowError
-from finetune.schema.data import SourceConfig, StructuredConfig
+from finetune.config.data import SourceConfig, StructuredConfig
 
 ROLES = ("system", "user", "assistant")
 # ShareGPT exports use several spellings for the same three roles.
@@ -144,14 +144,3 @@ def adapt_completion(row: dict, cols: dict[str, str]) -> Example:
 CHAT_ADAPTERS: dict[str, Callable[[dict, dict[str, str]], Example]] = {
     "messages": adapt_messages, "sharegpt": adapt_sharegpt, "alpaca": adapt_alpaca, "completion": adapt_completion,
 }
-
-
-def make_adapter(src: SourceConfig, structured: StructuredConfig) -> Callable[[dict], Example]:
-    """The row -> Example function for one source."""
-    cols = dict(src.columns or {})
-    if src.format == "structured":
-        from finetune.data.structured import StructuredBuilder
-
-        return StructuredBuilder(src, structured).build
-    adapter = CHAT_ADAPTERS[src.format]
-    return lambda row: adapter(row, cols)

@@ -17,7 +17,7 @@ from typing import Any
 from finetune.data.formats import Example, _text, check_conversation, field_of
 from finetune.data.sources import RowError
 from finetune.errors import DataError
-from finetune.schema.data import SourceConfig, StructuredConfig
+from finetune.config.data import SourceConfig, StructuredConfig
 
 _PLACEHOLDER = re.compile(r"\{(instruction|schema|input)\}")
 

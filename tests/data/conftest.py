@@ -25,7 +25,7 @@ QWEN25_TEMPLATE = (
 
 @pytest.fixture(scope="session")
 def tiny_tok():
-    from finetune.tiny import load_tiny_tokenizer
+    from finetune.models.tiny import load_tiny_tokenizer
 
     return load_tiny_tokenizer()
 
@@ -63,7 +63,7 @@ def _chat(user="What is 2 plus 2?", reply="2 plus 2 is 4.", system=None):
 
 def _make_cfg(*sources, **settings):
     """DataConfig with `sources` given as dicts (or path strings), cache off unless asked."""
-    from finetune.schema.data import DataConfig, SourceConfig
+    from finetune.config.data import DataConfig, SourceConfig
 
     srcs = [SourceConfig(path=s) if isinstance(s, str) else SourceConfig(**s) for s in sources]
     settings.setdefault("cache", False)

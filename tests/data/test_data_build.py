@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from finetune.data import build_datasets, preview, render_prompt, write_stats
 from finetune.paths import CONFIG_DIR
-from finetune.schema.data import DataConfig
+from finetune.config.data import DataConfig
 
 COLUMNS = {"input_ids", "assistant_masks", "messages", "task", "schema", "target", "origin"}
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from finetune.data import check_packing_supported
-from finetune.errors import ConfigError
 
 
 def _tiny_model(vocab: int, attn: str):
@@ -20,7 +18,7 @@ def _tiny_model(vocab: int, attn: str):
 @pytest.fixture(scope="module")
 def rows(tiny_tok, tmp_path_factory):
     from finetune.data import build_datasets
-    from finetune.schema.data import DataConfig, SourceConfig
+    from finetune.config.data import DataConfig, SourceConfig
 
     cfg = DataConfig(sources=[SourceConfig(path="demo:instruct_train.jsonl"),
                               SourceConfig(path="demo:structured_train.jsonl", format="structured", max_samples=4)])
@@ -67,10 +65,3 @@ def test_sft_trainer_accepts_our_pretokenized_rows(rows, tiny_tok, tmp_path):
     with pytest.raises(ValueError, match="not conversational"):
         SFTTrainer(model=_tiny_model(len(tiny_tok), "sdpa"), processing_class=tiny_tok, train_dataset=train,
                    args=SFTConfig(**args, assistant_only_loss=True))
-
-
-def test_check_packing_supported():
-    for ok in (None, "sdpa", "eager", "flash_attention_2", "flex_attention"):
-        check_packing_supported(ok)
-    with pytest.raises(ConfigError, match="cannot keep packed sequences apart"):
-        check_packing_supported("paged|sdpa")

@@ -57,7 +57,7 @@ def test_hydra_accepts_sources_override_from_the_command_line():
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from finetune.schema import SourceConfig, register_configs, to_typed
+    from finetune.config import SourceConfig, register_configs, to_typed
 
     register_configs()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
@@ -77,7 +77,7 @@ def test_hydra_accepts_sources_override_from_the_command_line():
 def test_demo_config_composes_from_the_shipped_configs():
     from hydra import compose, initialize_config_dir
 
-    from finetune.schema import register_configs, to_typed
+    from finetune.config import register_configs, to_typed
 
     register_configs()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):

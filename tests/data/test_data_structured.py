@@ -7,7 +7,7 @@ import pytest
 
 from finetune.data.structured import parse_table, render_table, serialize
 from finetune.errors import DataError
-from finetune.schema.data import StructuredConfig
+from finetune.config.data import StructuredConfig
 
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
                                            "tags": {"type": "array", "items": {"type": "object", "properties": {

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from finetune.errors import FinetuneError
-from finetune.runs import write_json_atomic, write_text_atomic
-from finetune.schema import FinetuneConfig
+from finetune.files import write_json_atomic, write_text_atomic
+from finetune.config import FinetuneConfig
 
-log = logging.getLogger("finetune.checkpoint")
+log = logging.getLogger("finetune.train.checkpoint")
 
 STAGING_PREFIX = ".tmp-"  # staging dirs: .tmp-checkpoint-N (hidden; `checkpoint-*` globs skip them)
 META_NAME = "finetune_checkpoint.json"

@@ -5,7 +5,7 @@ with the rule that produced it written next to it. The activation rules were rea
 in a real transformers Qwen2 block with peft LoRA (tests/test_memory_plan.py re-checks them on a tiny model), for
 the stack we train with: bitsandbytes base, fp32 adapters, autocast to the compute dtype, norms and biases
 upcast to fp32 on a quantized base while the frozen embedding table stays in the checkpoint's 16 bits
-(`finetune.model.prepare_quantized_base`), and trl's fused loss head, which scores the vocabulary in tiles and
+(`finetune.models.load.prepare_quantized_base`), and trl's fused loss head, which scores the vocabulary in tiles and
 never holds the full logits. For Qwen2.5-3B with 2,048 tokens per micro-batch (nf4, r=16, AdamW,
 checkpointing) the plan is 3.9 GiB (8.1 GiB before the fused loss head and the 16-bit table); at 8,192
 tokens 8.0 GiB, of it 2.25 GiB the fp32 layer inputs checkpointing keeps and 1.9 GiB the one layer it

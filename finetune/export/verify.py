@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 from finetune.errors import FinetuneError
 
-log = logging.getLogger("finetune.export")
+log = logging.getLogger("finetune.export.run")
 
 PROBE = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
          {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Name a colour."}]
@@ -44,7 +44,7 @@ def reference(model_dir: Path, tokenizer, prompts: list[list[int]], max_new_toke
     import torch
     from transformers import AutoModelForCausalLM
 
-    from finetune.generate import generate
+    from finetune.generate.generation import generate
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     gens = [g.token_ids for g in generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens)]
@@ -131,7 +131,7 @@ class TransformersReader:
         return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def greedy(self, prompt: list[int], max_new_tokens: int, stops: list[int]) -> list[int]:
-        from finetune.generate import generate
+        from finetune.generate.generation import generate
 
         out = generate(self.model, self.tok, [prompt], max_new_tokens=max_new_tokens)[0].token_ids
         return next((out[:k] for k, t in enumerate(out) if t in stops), out)
@@ -179,7 +179,7 @@ def verify_gguf(path: Path, model_dir: Path, tokenizer, convs: list[list[dict]],
     """
     import numpy as np
 
-    from finetune.generate import stop_token_ids
+    from finetune.generate.generation import stop_token_ids
 
     texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in convs]
     prompts = [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
@@ -219,7 +219,7 @@ def verification_conversations(export_cfg, data_cfg, tokenizer, run_dir: Optiona
     """Up to export.verify_prompts conversations (last reply removed): export.prompts, else the run's val split."""
     n = export_cfg.verify_prompts
     if export_cfg.prompts:
-        from finetune.generate import read_prompts
+        from finetune.generate.generation import read_prompts
 
         if not Path(export_cfg.prompts).is_file():
             raise FinetuneError(f"export.prompts={export_cfg.prompts!r}: file not found")

@@ -9,7 +9,7 @@ from typing import Any, List, Optional
 # true/false/gaussian on any base; pissa (SVD of the base weight) needs an unquantized base and changes
 # it, so the saved adapter is converted back to a plain LoRA of rank 2r; loftq (SVD of the quantization
 # error) needs a 4-bit base and a CUDA GPU (peft computes it there). The cross-group rules are in
-# finetune/schema/__init__.py.
+# finetune/config/__init__.py.
 INIT_NAMES = ("true", "false", "gaussian", "pissa", "loftq")
 _PISSA_FAST = re.compile(r"^pissa_niter_[1-9][0-9]*$")  # randomized SVD with N subspace iterations
 

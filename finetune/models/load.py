@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import FinetuneError
-from finetune.schema import ModelConfig, PeftConfig, QuantConfig
+from finetune.config import ModelConfig, PeftConfig, QuantConfig
 
-log = logging.getLogger("finetune.model")
+log = logging.getLogger("finetune.models.load")
 
 
 def resolve_device(device: str) -> str:
@@ -34,7 +34,7 @@ def resolve_dtype(name: str, device: str):
 def model_path(cfg: ModelConfig) -> str:
     """Folder or Hub id to load; the embedded tiny model is built (once) on demand."""
     if cfg.is_embedded:
-        from finetune.tiny import tiny_model_dir
+        from finetune.models.tiny import tiny_model_dir
 
         return str(tiny_model_dir())
     return cfg.name_or_path

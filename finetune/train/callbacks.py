@@ -9,9 +9,9 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from finetune.runs import peak_memory_mb
+from finetune.files import peak_memory_mb
 
-log = logging.getLogger("finetune.train")
+log = logging.getLogger("finetune.train.trainer")
 
 
 class MetricsCallback(TrainerCallback):

@@ -3,6 +3,7 @@
 Hydra composes YAML onto these dataclasses (registered in the ConfigStore), so an unknown key or a
 wrong type fails at compose time with the key named. `validate` then checks values and combinations
 and reports every problem at once. Library code receives these dataclasses, never a DictConfig.
+May import: errors, paths, files (no torch, no model code: config errors must come fast).
 """
 from __future__ import annotations
 
@@ -10,15 +11,15 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from finetune.errors import ConfigError
-from finetune.schema.data import DataConfig, SourceConfig
-from finetune.schema.model import ModelConfig
-from finetune.schema.peft import PeftConfig
-from finetune.schema.quant import QuantConfig
-from finetune.schema.eval import EvalConfig, EvalGates
-from finetune.schema.export import ExportConfig
-from finetune.schema.generate import GenerateConfig
-from finetune.schema.merge import MergeConfig
-from finetune.schema.train import CUDA_OPTIMIZERS, TrainConfig
+from finetune.config.data import DataConfig, SourceConfig
+from finetune.config.model import ModelConfig
+from finetune.config.peft import PeftConfig
+from finetune.config.quant import QuantConfig
+from finetune.config.eval import EvalConfig, EvalGates
+from finetune.config.export import ExportConfig
+from finetune.config.generate import GenerateConfig
+from finetune.config.merge import MergeConfig
+from finetune.config.train import CUDA_OPTIMIZERS, TrainConfig
 
 __all__ = [
     "FinetuneConfig", "ModelConfig", "QuantConfig", "PeftConfig", "DataConfig", "SourceConfig",
@@ -47,7 +48,7 @@ def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
-    from finetune.stamp import run_stamp
+    from finetune.config.stamp import run_stamp
 
     # ${run_stamp:} names run directories; use_cache keeps one value for the whole process.
     OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True, replace=True)
@@ -74,7 +75,7 @@ def cross_field_problems(cfg: FinetuneConfig) -> list[str]:
     out = []
     if cfg.device not in ("auto", "cpu", "cuda"):
         out.append(f"device={cfg.device!r}: use auto, cpu or cuda")
-    # device=auto is resolved in the trainer's preflight (finetune.train.environment_problems), which reports
+    # device=auto is resolved in the trainer's preflight (finetune.train.trainer.environment_problems), which reports
     # this together with the checks that need the model's config; an explicit device=cpu is refused here.
     if cfg.train.optim in CUDA_OPTIMIZERS and cfg.device == "cpu":
         out.append(f"train.optim={cfg.train.optim!r} needs CUDA (bitsandbytes optimizers), and device=cpu; "

@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import FinetuneError
-from finetune.shards import weight_files
+from finetune.merge.shards import weight_files
 
-log = logging.getLogger("finetune.export")
+log = logging.getLogger("finetune.export.run")
 
 # Split regex of Qwen2's tokenizer.json -> llama.cpp's pre-tokenizer name (llama-vocab.cpp keeps the same
 # regex, rewritten without the (?i:) group, for "qwen2").

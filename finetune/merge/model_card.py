@@ -28,7 +28,7 @@ def write_model_card(merged_dir: Path, run_dir: Optional[Path] = None, *, config
 
     import yaml
 
-    from finetune.runs import write_text_atomic
+    from finetune.files import write_text_atomic
 
     run_dir = Path(run_dir) if run_dir else None
     if config is None and run_dir and (run_dir / "config.yaml").is_file():

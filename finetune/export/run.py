@@ -2,11 +2,11 @@
 
 Order of work, so that a problem surfaces before anything is written and nothing is left half-written:
 
-1. plan (finetune/export_gguf.py): architecture, rope, tokenizer and every tensor checked against what
+1. plan (finetune/export/gguf.py): architecture, rope, tokenizer and every tensor checked against what
    llama.cpp's graph expects; the verification reader and prompts resolved; free disk space checked.
 2. write into a temporary folder beside the output: <name>-<quant>.gguf (k-quants: an f16 file first, then
    llama.cpp's quantizer through llama-cpp-python), Modelfile, export.json.
-3. verify (finetune/export_verify.py): reload the file (llama.cpp or transformers' GGUF loader), compare
+3. verify (finetune/export/verify.py): reload the file (llama.cpp or transformers' GGUF loader), compare
    tokenization, chat template and greedy output with the merged model.
 4. rename the folder into place (an older export of the same name goes only after that).
 """
@@ -20,15 +20,15 @@ from pathlib import Path
 from typing import Optional
 
 from finetune.errors import FinetuneError
-from finetune.schema import FinetuneConfig
-from finetune.schema.export import GGUF_QUANTS, K_QUANTS
+from finetune.config import FinetuneConfig
+from finetune.config.export import GGUF_QUANTS, K_QUANTS
 
-log = logging.getLogger("finetune.export")
+log = logging.getLogger("finetune.export.run")
 
 
 def resolve_reader(verify: str) -> str:
     """auto -> llama_cpp when llama-cpp-python imports, else transformers; llama_cpp must import if asked."""
-    from finetune.export_verify import llama_cpp_available
+    from finetune.export.verify import llama_cpp_available
 
     if verify == "auto":
         return "llama_cpp" if llama_cpp_available() else "transformers"
@@ -85,11 +85,11 @@ def export_gguf(cfg: FinetuneConfig, run_dir: Optional[Path] = None) -> Path:
     """
     from transformers import GenerationConfig
 
-    from finetune.export_gguf import file_summary, plan_gguf, quantize_with_llama_cpp, write_gguf
-    from finetune.export_ollama import write_modelfile
-    from finetune.export_verify import llama_cpp_available, verification_conversations, verify_gguf
-    from finetune.generate import stop_token_ids
-    from finetune.runs import publish_folder, write_json_atomic
+    from finetune.export.gguf import file_summary, plan_gguf, quantize_with_llama_cpp, write_gguf
+    from finetune.export.ollama import write_modelfile
+    from finetune.export.verify import llama_cpp_available, verification_conversations, verify_gguf
+    from finetune.generate.generation import stop_token_ids
+    from finetune.files import publish_folder, write_json_atomic
 
     e = cfg.export
     model_dir, output = _paths(cfg, run_dir)

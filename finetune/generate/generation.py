@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from finetune.errors import DataError, FinetuneError
 
-log = logging.getLogger("finetune.generate")
+log = logging.getLogger("finetune.generate.generation")
 
 
 @dataclass
@@ -194,7 +194,7 @@ def schema_processor_factory(tokenizer, schemas: Sequence[dict], vocab_size: int
     """logits_processor_factory for generate(): each batch gets a processor constraining row i to schemas[i]."""
     from transformers import LogitsProcessorList
 
-    from finetune.constrained import check_available, json_schema_processor
+    from finetune.generate.constrained import check_available, json_schema_processor
 
     check_available()
     eot = end_of_turn_id(tokenizer)  # a complete value must end the turn, whatever tokenizer.eos_token says
@@ -223,11 +223,11 @@ def schema_check(text: str, schema: dict) -> dict:
 
 def load_generation_model(cfg, run_dir: Optional[Path], device: str):
     """(model, tokenizer): the merged folder by default; the unmerged adapter with generate.use_adapter=true."""
-    from finetune.model import load_tokenizer, resolve_dtype
+    from finetune.models.load import load_tokenizer, resolve_dtype
 
     g = cfg.generate
     if g.use_adapter:
-        from finetune.merge import load_adapter_model
+        from finetune.models.adapter import load_adapter_model
 
         if not (cfg.merge.adapter or run_dir):
             raise FinetuneError("generate.use_adapter=true needs run=<run dir> or merge.adapter=<adapter dir>")
@@ -305,8 +305,8 @@ def generate_run(cfg, run_dir: Optional[Path] = None) -> Optional[Path]:
     from transformers import set_seed
 
     from finetune.data import render_prompt
-    from finetune.model import resolve_device
-    from finetune.runs import write_text_atomic
+    from finetune.models.load import resolve_device
+    from finetune.files import write_text_atomic
 
     g = cfg.generate
     run_dir = Path(run_dir) if run_dir else None

@@ -1,7 +1,7 @@
 """The training stage: trl's SFTTrainer on our pre-tokenized, pre-masked rows, with a LoRA adapter.
 
 What we add to trl/transformers: k-bit preparation and a target-module check before peft runs, fp32
-adapters, PiSSA/LoftQ initialisation, atomic checkpoints (finetune.checkpoint), a clean stop on
+adapters, PiSSA/LoftQ initialisation, atomic checkpoints (finetune.train.checkpoint), a clean stop on
 SIGTERM/Ctrl-C, label tokens per second in the logs, and the final adapter written atomically.
 """
 from __future__ import annotations
@@ -13,12 +13,12 @@ from functools import lru_cache
 from pathlib import Path
 
 from finetune.errors import ConfigError, FinetuneError
-from finetune.model import check_target_modules, load_base_model, model_path, resolve_device, resolve_dtype
-from finetune.runs import peak_memory_mb, write_json_atomic
-from finetune.schema import FinetuneConfig, PeftConfig
-from finetune.schema.train import CUDA_OPTIMIZERS
+from finetune.models.load import check_target_modules, load_base_model, model_path, resolve_device, resolve_dtype
+from finetune.files import peak_memory_mb, write_json_atomic
+from finetune.config import FinetuneConfig, PeftConfig
+from finetune.config.train import CUDA_OPTIMIZERS
 
-log = logging.getLogger("finetune.train")
+log = logging.getLogger("finetune.train.trainer")
 
 
 @dataclass
@@ -181,12 +181,12 @@ def trainer_class():
     import torch
     from trl import SFTTrainer
 
-    from finetune.checkpoint import save_atomically
+    from finetune.train.checkpoint import save_atomically
 
     class FinetuneTrainer(SFTTrainer):
         def __init__(self, *args, checkpoint_meta: dict, **kwargs):
             super().__init__(*args, **kwargs)
-            self.checkpoint_meta = checkpoint_meta  # what a resume must agree with (finetune.checkpoint)
+            self.checkpoint_meta = checkpoint_meta  # what a resume must agree with (finetune.train.checkpoint)
             self._label_tokens = None  # label tokens since the last log, a device tensor (no sync per step)
             self._label_tokens_total = 0
             self._last_log_t: float | None = None
@@ -227,14 +227,14 @@ def build_trainer(cfg: FinetuneConfig, splits, tokenizer, run_dir: Path, device:
     import torch
     from transformers import set_seed
 
-    from finetune.callbacks import MetricsCallback
-    from finetune.checkpoint import checkpoint_meta
+    from finetune.train.callbacks import MetricsCallback
+    from finetune.train.checkpoint import checkpoint_meta
 
     set_seed(cfg.train.seed)  # LoRA init (and pissa_niter's randomized SVD) happen before the Trainer seeds
     if model is None:
         model = load_base_model(cfg.model, cfg.quant, device)
     check_target_modules(model, cfg.peft, cfg.model.name_or_path)
-    # A quantized base arrives frozen with fp32 norms (finetune.model.prepare_quantized_base); checkpointing is
+    # A quantized base arrives frozen with fp32 norms (finetune.models.load.prepare_quantized_base); checkpointing is
     # left to the Trainer (activation_checkpointing) so it is configured in one place.
     has_eval = splits.val is not None and len(splits.val) > 0
     trainer = trainer_class()(
@@ -294,7 +294,7 @@ def save_adapter(trainer, cfg: FinetuneConfig, run_dir: Path, extra: dict) -> Pa
     import shutil
     import tempfile
 
-    from finetune.checkpoint import publish_dir
+    from finetune.train.checkpoint import publish_dir
 
     adapter_dir = run_dir / "adapter"
     if trainer.args.should_save:
@@ -336,8 +336,8 @@ def train(cfg: FinetuneConfig, splits, tokenizer, run_dir: Path, *, resume_from:
         TrainingStopped: SIGTERM/SIGINT arrived; a checkpoint of the last finished step was saved.
         ConfigError: an option the resolved device cannot run, or an unknown target module.
     """
-    from finetune.callbacks import StopOnSignal
-    from finetune.checkpoint import complete_checkpoints
+    from finetune.train.callbacks import StopOnSignal
+    from finetune.train.checkpoint import complete_checkpoints
 
     run_dir = Path(run_dir)
     device = resolve_device(cfg.device)

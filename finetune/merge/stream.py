@@ -26,54 +26,14 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from finetune.errors import FinetuneError
-from finetune.model_card import read_json, write_model_card
-from finetune.parity import parity_report
-from finetune.shards import ST_DTYPES, ShardWriter, weight_files
-from finetune.model import load_base_model, model_path, resolve_device, resolve_dtype
-from finetune.schema import FinetuneConfig, ModelConfig
+from finetune.merge.model_card import read_json, write_model_card
+from finetune.merge.parity import parity_report
+from finetune.merge.shards import ST_DTYPES, ShardWriter, weight_files
+from finetune.models.adapter import adapter_mismatch, check_adapter_dir
+from finetune.models.load import load_base_model, model_path, resolve_device, resolve_dtype
+from finetune.config import FinetuneConfig, ModelConfig
 
-log = logging.getLogger("finetune.merge")
-
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-
-
-def check_adapter_dir(adapter_dir: Path, run_dir: Optional[Path] = None) -> None:
-    """Raise a FinetuneError naming what is missing when `adapter_dir` is not a complete PEFT adapter."""
-    if not adapter_dir.is_dir():
-        where = f"run={run_dir} has no adapter/ folder ({adapter_dir})" if run_dir else f"{adapter_dir}: no such folder"
-        raise FinetuneError(f"{where}; train first (`finetune train`), or point merge.adapter= at an adapter folder")
-    for name in ADAPTER_FILES:
-        if not (adapter_dir / name).is_file() and not (name.endswith(".safetensors")
-                                                        and (adapter_dir / "adapter_model.bin").is_file()):
-            raise FinetuneError(f"{adapter_dir}: {name} is missing; the adapter was not saved completely "
-                                "(train again, or use a checkpoint folder under checkpoints/)")
-    try:
-        json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise FinetuneError(f"{adapter_dir}/adapter_config.json: not valid JSON ({e}); the adapter is damaged") \
-            from None
-
-
-def _mismatch(adapter_dir: Path, base: str, err: Exception) -> FinetuneError:
-    trained_on = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()] or ["?"]
-    why = next((line for line in lines if "size mismatch" in line), lines[0])  # torch lists them after a title
-    return FinetuneError(
-        f"{adapter_dir}: this adapter does not fit base {base!r} (module names or shapes differ; it was made for "
-        f"{trained_on!r}): {why[:400]}. Merge it with the base it was trained on (model=... / model.name_or_path=...)")
-
-
-def load_adapter_model(cfg: FinetuneConfig, adapter_dir: Path, device: str, *, quantize: bool):
-    """Base (quantized as trained, or the original weights) with the adapter attached, unmerged."""
-    from peft import PeftModel
-
-    check_adapter_dir(adapter_dir)
-    base = load_base_model(cfg.model, cfg.quant, device, quantize=quantize)
-    try:
-        return PeftModel.from_pretrained(base, str(adapter_dir))
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise _mismatch(adapter_dir, cfg.model.name_or_path, e) from None
-
+log = logging.getLogger("finetune.merge.stream")
 
 def base_checkpoint_dir(model_cfg: ModelConfig) -> Path:
     """Local folder with the base model's config.json and safetensors shards (Hub ids via the HF cache)."""
@@ -111,7 +71,7 @@ class _AdapterOnMeta:
         try:
             self.model = PeftModel(skeleton, PeftConfig.from_pretrained(str(adapter_dir)))
         except (ValueError, KeyError) as e:
-            raise _mismatch(adapter_dir, base_name, e) from None
+            raise adapter_mismatch(adapter_dir, base_name, e) from None
         # peft puts adapter tensors on the base layer's device, which is meta here, so they would never load:
         # give them real fp32 storage (merge arithmetic in fp32 whatever the output dtype) before loading.
         made = []
@@ -126,9 +86,9 @@ class _AdapterOnMeta:
                 warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")
                 result = set_peft_model_state_dict(self.model, state)
         except RuntimeError as e:  # size mismatch
-            raise _mismatch(adapter_dir, base_name, e) from None
+            raise adapter_mismatch(adapter_dir, base_name, e) from None
         if result.unexpected_keys:  # tensors for modules this architecture does not have
-            raise _mismatch(adapter_dir, base_name, ValueError(
+            raise adapter_mismatch(adapter_dir, base_name, ValueError(
                 f"{len(result.unexpected_keys)} adapter tensors have no place in the base, e.g. "
                 f"{result.unexpected_keys[0]}"))
         unloaded = sorted(set(made) & set(result.missing_keys))
@@ -312,7 +272,7 @@ def nf4_dequantizer(cfg: FinetuneConfig, device: str) -> Callable[[str], Any]:
 
 def _artifact_tokenizer(cfg: FinetuneConfig, adapter_dir: Path):
     """The tokenizer saved with the adapter (it carries the chat template used in training)."""
-    from finetune.model import load_tokenizer
+    from finetune.models.load import load_tokenizer
 
     has_own = (adapter_dir / "tokenizer_config.json").is_file()
     tok = load_tokenizer(cfg.model, str(adapter_dir) if has_own else None)
@@ -326,7 +286,7 @@ def _write_configs(base_dir: Path, out: Path, tokenizer, dtype, untied: bool) ->
     """config.json (dtype, tying) and generation_config.json whose eos ids include the end-of-turn token."""
     from transformers import AutoConfig, GenerationConfig
 
-    from finetune.generate import stop_token_ids
+    from finetune.generate.generation import stop_token_ids
 
     config = AutoConfig.from_pretrained(base_dir)
     config.dtype = dtype
@@ -354,7 +314,7 @@ def merge_adapter(cfg: FinetuneConfig, run_dir: Optional[Path] = None, *, output
     Raises:
         FinetuneError: output exists without merge.overwrite, adapter missing or made for another base.
     """
-    from finetune.runs import publish_folder, write_json_atomic
+    from finetune.files import publish_folder, write_json_atomic
 
     m = cfg.merge
     if m.adapter:

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import FinetuneError
-from finetune.metrics import aggregate, deltas, score_row
-from finetune.schema import FinetuneConfig
+from finetune.evaluation.metrics import aggregate, deltas, score_row
+from finetune.config import FinetuneConfig
 
 log = logging.getLogger("finetune.eval")
 
@@ -94,7 +94,7 @@ def _constraint(cfg: FinetuneConfig, model: Any, tokenizer: Any, rows: list[dict
     """A logits_processor_factory for generate() when eval.constrain=json_schema, else None."""
     if cfg.eval.constrain != "json_schema":
         return None
-    from finetune.generate import schema_processor_factory
+    from finetune.generate.generation import schema_processor_factory
 
     vocab = model.get_output_embeddings().weight.shape[0]  # logits width, may exceed len(tokenizer)
     return schema_processor_factory(tokenizer, [json.loads(r["schema"]) for r in rows], vocab)
@@ -104,7 +104,7 @@ def _generate(cfg: FinetuneConfig, model: Any, tokenizer: Any, rows: list[dict])
     """Generations for `rows`, in order (greedy unless eval.do_sample); structured rows constrained when
     eval.constrain=json_schema."""
     from finetune.data import render_prompt
-    from finetune.generate import generate
+    from finetune.generate.generation import generate
 
     prompts = [render_prompt(tokenizer, json.loads(r["messages"])[:-1]) for r in rows]
     e = cfg.eval
@@ -170,7 +170,7 @@ def _release_memory() -> None:
 
 def _merged_checkpoint(cfg: FinetuneConfig, ckpt: Path, device: str):
     """A checkpoint's adapter merged in memory into the unquantized base, as `finetune merge` does."""
-    from finetune.merge import load_adapter_model
+    from finetune.models.adapter import load_adapter_model
 
     return load_adapter_model(cfg, ckpt, device, quantize=False).merge_and_unload()
 
@@ -198,7 +198,7 @@ def _compare_base(cfg: FinetuneConfig, report: dict, preds: list[dict], val: Any
     Returns the base as the step-0 point of the checkpoint history: LoRA starts with B = 0, so the
     model at step 0 is the base.
     """
-    from finetune.model import load_base_model, resolve_device
+    from finetune.models.load import load_base_model, resolve_device
 
     # Loaded unquantized, like the base the adapter was merged into; the tuned tokenizer (same
     # vocabulary) renders the prompts, so only the weights differ.
@@ -208,7 +208,7 @@ def _compare_base(cfg: FinetuneConfig, report: dict, preds: list[dict], val: Any
     for p, b in zip(preds, base_preds):
         p["base"] = {k: v for k, v in b.items() if k not in ("origin", "task", "messages", "target")}
     if cfg.eval.tasks:
-        from finetune.eval_harness import run_benchmarks
+        from finetune.evaluation.harness import run_benchmarks
 
         report["benchmarks"]["base"] = run_benchmarks(cfg, base, tokenizer, run_dir / "eval", tag="base")
     del base
@@ -218,7 +218,7 @@ def _compare_base(cfg: FinetuneConfig, report: dict, preds: list[dict], val: Any
 
 def _checkpoint_history(cfg: FinetuneConfig, run_dir: Path, tuned: dict, val: Any, tokenizer: Any) -> list[dict]:
     """Metrics of every checkpoints/checkpoint-N adapter, merged in memory, by step."""
-    from finetune.model import resolve_device
+    from finetune.models.load import resolve_device
 
     history = []
     for step, ckpt in list_checkpoints(run_dir):
@@ -239,9 +239,9 @@ def evaluate_run(cfg: FinetuneConfig, run_dir: Path, val=None) -> dict:
     eval.checkpoints=true) before checking gates, so a failed gate still leaves the full report.
     Returns the tuned model's metrics. Raises GateFailure naming each gate missed.
     """
-    from finetune.eval_report import write_report
-    from finetune.generate import load_merged
-    from finetune.model import resolve_device, resolve_dtype
+    from finetune.evaluation.report import write_report
+    from finetune.generate.generation import load_merged
+    from finetune.models.load import resolve_device, resolve_dtype
 
     run_dir = Path(run_dir)
     device = resolve_device(cfg.device)
@@ -257,7 +257,7 @@ def evaluate_run(cfg: FinetuneConfig, run_dir: Path, val=None) -> dict:
     report: dict[str, Any] = {"model": str(merged), "settings": _settings(cfg)}
     report["metrics"], preds = evaluate_model(model, tokenizer, val, cfg)
     if cfg.eval.tasks:
-        from finetune.eval_harness import run_benchmarks
+        from finetune.evaluation.harness import run_benchmarks
 
         report["benchmarks"] = {"tuned": run_benchmarks(cfg, model, tokenizer, run_dir / "eval")}
     del model
@@ -269,7 +269,7 @@ def evaluate_run(cfg: FinetuneConfig, run_dir: Path, val=None) -> dict:
     report["gates"], report["gates_missed"] = gates, check_gates(report["metrics"], gates)
     write_report(run_dir, report, preds, examples=cfg.eval.examples)
     if (merged / "README.md").is_file():  # the merged model's card carries the metrics just measured
-        from finetune.model_card import write_model_card
+        from finetune.merge.model_card import write_model_card
 
         write_model_card(merged, run_dir)
     log.info("eval: %s", json.dumps({k: round(v, 4) for k, v in report["metrics"].items()}))

@@ -18,8 +18,8 @@ from typing import Any
 
 from finetune.errors import FinetuneError
 from finetune.paths import DEMO_DATA_DIR
-from finetune.runs import write_json_atomic, write_text_atomic
-from finetune.schema import FinetuneConfig
+from finetune.files import write_json_atomic, write_text_atomic
+from finetune.config import FinetuneConfig
 
 log = logging.getLogger("finetune.eval")
 

@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from finetune.metrics import row_quality, word_diff
-from finetune.runs import write_json_atomic, write_text_atomic
+from finetune.evaluation.metrics import row_quality, word_diff
+from finetune.files import write_json_atomic, write_text_atomic
 
 # Report order; metrics not listed follow in their own order.
 ORDER = ["exact_match", "normalized_match", "json_valid_rate", "schema_valid_rate", "field_precision",

@@ -6,16 +6,16 @@ import json
 import logging
 from pathlib import Path
 
-from finetune.model import resolve_dtype
-from finetune.schema import FinetuneConfig
+from finetune.models.load import resolve_dtype
+from finetune.config import FinetuneConfig
 
-log = logging.getLogger("finetune.merge")
+log = logging.getLogger("finetune.merge.stream")
 
 
 def _parity_prompts(cfg: FinetuneConfig, tokenizer) -> tuple[list[list[int]], str]:
     """Prompt ids of up to merge.parity_prompts held-out conversations (last reply removed)."""
     from finetune.data import build_datasets, render_prompt
-    from finetune.generate import read_prompts
+    from finetune.generate.generation import read_prompts
 
     n = cfg.merge.parity_prompts
     if cfg.merge.prompts:
@@ -44,8 +44,8 @@ def parity_report(cfg: FinetuneConfig, adapter_dir: Path, merged_dir: Path, toke
     the largest absolute logit difference, the share of positions where both pick the same greedy token,
     and how many greedy generations are identical. One model is in memory at a time.
     """
-    from finetune.generate import generate, load_merged
-    from finetune.merge import load_adapter_model
+    from finetune.generate.generation import generate, load_merged
+    from finetune.models.adapter import load_adapter_model
 
     m = cfg.merge
     if m.parity_prompts == 0:
