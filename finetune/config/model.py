@@ -5,15 +5,22 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
 EMBEDDED_PREFIX = "embedded:"
+EMBEDDED_MODELS = ("embedded:tiny", "embedded:smollm2-135m-instruct")
 
 
 @dataclass
 class ModelConfig:
     name_or_path: str = field(
         default="embedded:tiny",
-        metadata={"help": "Hub id, local folder, or 'embedded:tiny' for the offline test model."},
+        metadata={"help": "Hub id, local folder, or an embedded offline model: 'embedded:tiny' (random, for "
+                          "tests) or 'embedded:smollm2-135m-instruct' (real, from PyPI)."},
     )
     revision: Optional[str] = field(default=None, metadata={"help": "Hub revision (branch, tag or commit)."})
+    gguf_file: Optional[str] = field(
+        default=None,
+        metadata={"help": "Local .gguf file to use instead of name_or_path: converted once (dequantized) into a "
+                          "plain cached model folder."},
+    )
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow code from the model repo to run. Off unless you set it."}
     )
@@ -40,6 +47,7 @@ class ModelConfig:
                 f"model.attn_implementation={self.attn_implementation!r}: use eager, sdpa, "
                 "flash_attention_2 or flex_attention"
             )
-        if self.is_embedded and self.name_or_path != "embedded:tiny":
-            out.append(f"model.name_or_path={self.name_or_path!r}: the only embedded model is 'embedded:tiny'")
+        if self.is_embedded and self.name_or_path not in EMBEDDED_MODELS:
+            out.append(f"model.name_or_path={self.name_or_path!r}: the embedded models are "
+                       + " and ".join(repr(m) for m in EMBEDDED_MODELS))
         return out
