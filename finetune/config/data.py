@@ -28,6 +28,10 @@ class SourceConfig:
     table_columns: Optional[List[str]] = field(default=None, metadata={
         "help": "structured: the target is a table with exactly these columns (rendered as data.structured."
                 "table_format); rows' targets are lists of objects/lists or an already rendered table."})
+    tools: Any = field(default=None, metadata={
+        "help": "Tool (function) definitions for every row of this source, OpenAI style ({type: function, "
+                "function: {name, description, parameters}} or bare {name, description, parameters}): a list, a "
+                "JSON string or a path to a .json file. A row's own tools field wins."})
 
 
 @dataclass
@@ -57,7 +61,18 @@ class DataConfig:
     max_length: int = field(default=512, metadata={"help": "Longest training sequence in tokens."})
     too_long: str = field(default="drop", metadata={"help": "drop | truncate_prompt | raise"})
     train_on: str = field(default="all_assistant", metadata={"help": "all_assistant | last_assistant | everything"})
-    on_error: str = field(default="raise", metadata={"help": "raise | skip (bad rows counted in stats.json)"})
+    on_error: str = field(default="skip", metadata={
+        "help": "skip (default): drop bad rows, count them by reason in stats.json, log the first few with file:"
+                "line; raise: stop at the first bad row."})
+    max_bad_fraction: float = field(default=0.01, metadata={
+        "help": "With on_error=skip, fail when more than this fraction of one source's rows are bad (a wrong "
+                "format or columns setting drops most rows; 1% lets a few broken rows through)."})
+    train_on_reasoning: bool = field(default=True, metadata={
+        "help": "Label the reasoning (reasoning_content / <think> block) of assistant replies; false masks it "
+                "and trains only the answer. Needs a template that renders reasoning (Qwen3, DeepSeek-R1)."})
+    num_proc: Optional[int] = field(default=None, metadata={
+        "help": "Processes that render and tokenize rows; null = every core this process may use. Small "
+                "datasets (under 2,000 rows) always run in-process: starting workers costs more."})
     structured: StructuredConfig = field(default_factory=StructuredConfig)
     cache: bool = field(default=True, metadata={
         "help": "Reuse preprocessed data from <FINETUNE_CACHE or ~/.cache/finetune>/data when inputs match."})
@@ -75,6 +90,8 @@ class DataConfig:
                 out.append(f"data.sources[{i}].weight={s.weight}: must be positive")
             if s.max_samples is not None and s.max_samples <= 0:
                 out.append(f"data.sources[{i}].max_samples={s.max_samples}: must be positive (or null for all)")
+            if s.tools is not None and s.format == "structured":
+                out.append(f"data.sources[{i}].tools: tool definitions do not apply to format=structured")
             if (s.schema is not None or s.table_columns) and s.format != "structured":
                 out.append(f"data.sources[{i}]: schema/table_columns only apply to format=structured")
             if s.table_columns is not None and not s.table_columns:
@@ -88,7 +105,11 @@ class DataConfig:
         if self.train_on not in ("all_assistant", "last_assistant", "everything"):
             out.append(f"data.train_on={self.train_on!r}: use all_assistant, last_assistant or everything")
         if self.on_error not in ("raise", "skip"):
-            out.append(f"data.on_error={self.on_error!r}: use raise or skip")
+            out.append(f"data.on_error={self.on_error!r}: use skip or raise")
+        if not 0 <= self.max_bad_fraction <= 1:
+            out.append(f"data.max_bad_fraction={self.max_bad_fraction}: must be in [0, 1] (0.01 = 1% of a source)")
+        if self.num_proc is not None and self.num_proc < 1:
+            out.append(f"data.num_proc={self.num_proc}: must be >= 1 (or null for every core)")
         st = self.structured
         if st.key_order not in KEY_ORDERS:
             out.append(f"data.structured.key_order={st.key_order!r}: use one of {', '.join(KEY_ORDERS)}")

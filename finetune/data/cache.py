@@ -21,7 +21,7 @@ from finetune.paths import cache_root
 from finetune.config.data import DataConfig
 
 # Bump when the preprocessing code changes what it produces for the same inputs.
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: tools, per-turn rows, tools column, dedup-aware split
 _DONE = "stats.json"  # written last inside the entry
 
 

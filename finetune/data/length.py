@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from finetune.data.render import Encoded, Specials, encode
+from finetune.data.render import Encoded, Specials
+from finetune.data.render import encode as encode_one
 from finetune.errors import DataError
 
 # Cutting the user message is token-based but re-rendered as text; tokens may merge differently at
@@ -41,12 +42,17 @@ def _cut_last_user(tokenizer: Any, messages: list[dict], excess: int) -> list[di
 
 
 def fit_length(tokenizer: Any, messages: list[dict], *, max_length: int, too_long: str, train_on: str,
-               specials: Specials) -> tuple[list[dict], Encoded | None, str]:
+               specials: Specials, tools: list[dict] | None = None,
+               train_on_reasoning: bool = True, last_only: bool = False) -> tuple[list[dict], Encoded | None, str]:
     """Encode `messages` within max_length according to the policy.
 
     Returns (messages actually used, encoding or None when dropped, drop reason or "truncated" or "").
     Raises DataError for too_long=raise.
     """
+    def encode(tokenizer: Any, messages: list[dict], train_on: str, specials: Specials) -> Encoded:
+        return encode_one(tokenizer, messages, train_on, specials, tools=tools, train_on_reasoning=train_on_reasoning,
+                          last_only=last_only)
+
     enc = encode(tokenizer, messages, train_on, specials)
     if len(enc.input_ids) <= max_length:
         return messages, enc, ""

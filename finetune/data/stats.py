@@ -1,7 +1,10 @@
 """Counting what the data stage did (rows read / kept / dropped with reason, lengths, label tokens).
 
 The stats dict is written to <run>/data/stats.json and summarized in one log line, so that a
-dropped row is never silent: `rows_read == rows_kept + sum(rows_dropped.values())` always holds.
+dropped row is never silent: `rows_read + rows_from_turn_split == rows_kept + sum(rows_dropped.values())`
+always holds (rows_from_turn_split: the extra rows made when a template that is not prefix-stable gets
+one row per assistant turn; 0 for every other template). Bad rows, ignored fields (per field) and
+duplicates are counted too.
 """
 from __future__ import annotations
 
@@ -20,16 +23,25 @@ LOG_EXAMPLES_PER_REASON = 3
 
 
 class RowCounter:
-    """Per-source and total counts of rows read, kept and dropped (by reason)."""
+    """Per-source and total counts of rows read, kept, dropped (by reason), bad, ignored fields, duplicates."""
 
     def __init__(self, n_sources: int):
         self.read = [0] * n_sources
         self.dropped = [Counter() for _ in range(n_sources)]
+        self.bad = [0] * n_sources                          # dropped for a RowError (not for length or overlap)
+        self.first_bad: list[str] = [""] * n_sources        # "origin: message [reason]" of the first one
+        self.unused = [Counter() for _ in range(n_sources)]  # field -> rows that had it
+        self.duplicates = [0] * n_sources
+        self.expanded = 0  # extra rows from one-row-per-turn expansion (templates that are not prefix-stable)
         self.truncated = 0
         self._logged: Counter = Counter()
 
-    def drop(self, source: int, reason: str, origin: str, message: str) -> None:
+    def drop(self, source: int, reason: str, origin: str, message: str, *, bad: bool = True) -> None:
         self.dropped[source][reason] += 1
+        if bad:
+            self.bad[source] += 1
+            if not self.first_bad[source]:
+                self.first_bad[source] = f"{origin}: {message} [{reason}]"
         self._logged[reason] += 1
         if self._logged[reason] <= LOG_EXAMPLES_PER_REASON:
             log.warning("skipped %s: %s (%s)", origin, message, reason)
@@ -74,8 +86,11 @@ def summary_line(stats: dict[str, Any]) -> str:
     dropped = ", ".join(f"{k} {v}" for k, v in stats["rows_dropped"].items()) or "none"
     tr, va = stats["train"], stats["val"]
     cache = stats.get("cache", {})
+    extra = f"; {stats['duplicates']} duplicates" if stats.get("duplicates") else ""
+    if stats.get("rows_from_turn_split"):
+        extra += f"; {stats['rows_from_turn_split']} rows from one-row-per-turn"
     return (f"data: read {stats['rows_read']} rows from {len(stats['sources'])} source(s), kept {stats['rows_kept']} "
-            f"(dropped: {dropped}; truncated {stats['rows_truncated']}); train {tr['rows']} rows, {tr['tokens']} "
+            f"(dropped: {dropped}; truncated {stats['rows_truncated']}{extra}); train {tr['rows']} rows, {tr['tokens']} "
             f"tokens, {tr['label_tokens']} label tokens; val {va['rows']} rows; "
             f"cache {'hit' if cache.get('hit') else 'miss'} {cache.get('key', '')}".rstrip())
 

@@ -14,8 +14,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from finetune.data.formats import Example, _text, check_conversation, field_of
-from finetune.data.sources import RowError
+from finetune.data.formats import Example, _text, check_conversation, field_of, unused_fields
+from finetune.data.sources import RowError, value_problem
 from finetune.errors import DataError
 from finetune.config.data import SourceConfig, StructuredConfig
 
@@ -96,6 +96,9 @@ class StructuredBuilder:
                 raise RowError("missing_field", "structured row has no 'schema' field and the source has none; add "
                                                 "one per row or set data.sources[].schema")
             value = self._parse_target(raw_target, schema)
+            problem = value_problem(value, "output")
+            if problem:  # NaN would serialize as the non-JSON text NaN and be trained as the answer
+                raise RowError("non_finite" if "NaN" in problem else "lone_surrogate", problem)
             self._validate(value, schema)
             target = serialize(value, schema, self.cfg.key_order, self.cfg.indent)
             schema_text = shown = compact(schema)
@@ -104,7 +107,8 @@ class StructuredBuilder:
         msgs = [{"role": "user", "content": prompt.strip()}, {"role": "assistant", "content": target.strip()}]
         if self.cfg.system:
             msgs.insert(0, {"role": "system", "content": self.cfg.system.strip()})
-        return Example(check_conversation(msgs), task=task, schema=schema_text)
+        return Example(check_conversation(msgs), task=task, schema=schema_text,
+                       ignored=unused_fields(row, ("input", "output", "schema"), self.cols))
 
     def _row_schema(self, row: dict) -> dict | None:
         schema = field_of(row, "schema", self.cols, required=False)
@@ -126,7 +130,7 @@ class StructuredBuilder:
             isinstance(schema.get("type"), list) and "string" in schema["type"])
         if isinstance(raw, str) and not wants_string:
             try:
-                return json.loads(raw)
+                return json.loads(raw, parse_constant=lambda c: float("nan"))
             except json.JSONDecodeError as e:
                 raise RowError("bad_target", f"field 'output' is not valid JSON ({e.msg} at column {e.colno})") from None
         return raw

@@ -2,8 +2,11 @@
 
 Pure functions (no model): exact and normalised match for every row; for structured rows JSON
 parse, schema validity and field-level precision / recall / F1 over flattened keys; for free-text
-rows chrF from sacrebleu. Metric names end in `_rate` for shares of rows; chrF keeps sacrebleu's
-0-100 scale so it reads like published chrF figures.
+rows chrF from sacrebleu; for tool-call rows (task "tool_call") the call itself: it parses as a JSON
+call, the function names match exactly, the arguments validate against the called tool's parameter
+schema, and argument field F1 (flattened keys, as for structured rows) — the checks of NeMo AutoModel's
+tool-call evaluator. Metric names end in `_rate` for shares of rows; chrF keeps sacrebleu's 0-100 scale
+so it reads like published chrF figures.
 """
 from __future__ import annotations
 
@@ -15,7 +18,9 @@ from typing import Any, Iterable
 
 # Shares of rows that have the per-row key: per-row key -> report name.
 RATE_METRICS = {"exact_match": "exact_match", "normalized_match": "normalized_match",
-                "json_valid": "json_valid_rate", "schema_valid": "schema_valid_rate", "stopped": "stopped_rate"}
+                "json_valid": "json_valid_rate", "schema_valid": "schema_valid_rate", "stopped": "stopped_rate",
+                "tool_call_valid": "tool_call_valid_rate", "tool_name_match": "tool_name_match_rate",
+                "tool_args_valid": "tool_args_valid_rate", "tool_call_match": "tool_call_match_rate"}
 _MISSING = object()
 
 
@@ -110,20 +115,85 @@ def chrf_corpus(generated: list[str], targets: list[str]) -> float:
     return _chrf().corpus_score(generated, [targets]).score
 
 
+def parse_tool_calls(text: str) -> list[dict]:
+    """Every JSON object {"name": ..., "arguments" | "parameters": {...}} in `text`, in order.
+
+    Template-neutral: finds the call inside Qwen/Hermes `<tool_call>...</tool_call>` tags, Llama 3.1's bare
+    `{"name": ..., "parameters": ...}`, Mistral's `[TOOL_CALLS][...]` or a plain JSON reply alike.
+    """
+    decoder, calls, k = json.JSONDecoder(), [], 0
+    while True:
+        k = text.find("{", k)
+        if k < 0:
+            return calls
+        try:
+            value, end = decoder.raw_decode(text, k)
+        except ValueError:
+            k += 1
+            continue
+        if isinstance(value, dict) and isinstance(value.get("name"), str):
+            args = value.get("arguments", value.get("parameters"))
+            if isinstance(args, str):
+                args = parse_json(args)
+            calls.append({"name": value["name"], "arguments": args if isinstance(args, dict) else _MISSING})
+            k = end
+        else:
+            k += 1
+
+
+def _call_parameters(schema_text: str) -> dict[str, Any]:
+    """Function name -> parameter schema, from a row's call schema (finetune.data.tools.call_schema)."""
+    schema = json.loads(schema_text) if schema_text else {}
+    out = {}
+    for branch in schema.get("anyOf", [schema]):
+        name = branch.get("properties", {}).get("name", {}).get("const")
+        if name is not None:
+            out[name] = branch["properties"].get("arguments") or {}
+    return out
+
+
+def score_tool_call(generated: str, target: str, schema: str) -> dict[str, float]:
+    """Per-row tool-call metrics: tool_call_valid, tool_name_match, tool_args_valid, tool_call_match, tool_args_*."""
+    pred, gold = parse_tool_calls(generated), parse_tool_calls(target)
+    params = _call_parameters(schema)
+    valid = bool(pred) and all(c["arguments"] is not _MISSING for c in pred)
+    args_valid = valid and all(c["name"] in params and _validator(json.dumps(params[c["name"]])).is_valid(
+        c["arguments"]) for c in pred)
+    tp = n_pred = n_gold = 0
+    for i in range(max(len(pred), len(gold))):  # calls pair up in order; an unmatched one costs its side only
+        p = pred[i] if i < len(pred) and pred[i]["arguments"] is not _MISSING else None
+        g = gold[i] if i < len(gold) else None
+        if p is not None and g is not None and p["name"] == g["name"]:
+            a, b, c = field_counts(p["arguments"], g["arguments"])
+        else:
+            a, b, c = 0, len(flatten(p["arguments"])) if p else 0, len(flatten(g["arguments"])) if g else 0
+        tp, n_pred, n_gold = tp + a, n_pred + b, n_gold + c
+    names = sorted(c["name"] for c in pred) == sorted(c["name"] for c in gold)
+    return {"tool_call_valid": float(valid), "tool_name_match": float(valid and names),
+            "tool_args_valid": float(args_valid),
+            "tool_call_match": float(valid and names and tp == n_pred == n_gold),
+            "tool_args_tp": tp, "tool_args_pred": n_pred, "tool_args_gold": n_gold,
+            "tool_args_f1": prf(tp, n_pred, n_gold)[2]}
+
+
 def score_row(generated: str, target: str, task: str, schema: str = "") -> dict[str, float]:
     """Per-row metrics of one generation.
 
     Args:
         generated: the model's reply (special tokens removed).
         target: the reference reply.
-        task: "structured" rows get JSON metrics; every other task ("chat", "table") gets chrF.
+        task: "structured" rows get JSON metrics, "tool_call" rows tool-call metrics (score_tool_call);
+            every other task ("chat", "table") gets chrF.
         schema: the row's JSON Schema as text ("" = none; then schema_valid is not scored).
     Returns:
         exact_match, normalized_match; structured: json_valid, schema_valid, field_tp/pred/gold,
         field_f1; otherwise chrf. Values are floats so they average directly.
     """
     row = {"exact_match": float(generated.strip() == target.strip())}
-    if task == "structured":
+    if task == "tool_call":
+        row.update(score_tool_call(generated, target, schema))
+        row["normalized_match"] = row["tool_call_match"]
+    elif task == "structured":
         value, gold = parse_json(generated.strip()), parse_json(target.strip())
         row["json_valid"] = float(value is not _MISSING)
         if schema:
@@ -143,7 +213,8 @@ def score_row(generated: str, target: str, task: str, schema: str = "") -> dict[
 
 def row_quality(row: dict) -> float:
     """One number per row for picking best / worst examples: field F1 or chrF/100, exact match breaks ties."""
-    main = row.get("field_f1", row.get("chrf", 0.0) / 100 if "chrf" in row else row["exact_match"])
+    main = row.get("field_f1", row.get("tool_args_f1",
+                                       row.get("chrf", 0.0) / 100 if "chrf" in row else row["exact_match"]))
     return main + 1e-3 * row["exact_match"]
 
 
@@ -162,12 +233,17 @@ def aggregate(rows: list[dict]) -> dict[str, float]:
     if counted:
         p, r, f = prf(*(sum(x[k] for x in counted) for k in ("field_tp", "field_pred", "field_gold")))
         out.update(field_precision=p, field_recall=r, field_f1=f)
+    calls = [r for r in rows if "tool_args_gold" in r]
+    if calls:
+        p, r, f = prf(*(sum(x[k] for x in calls) for k in ("tool_args_tp", "tool_args_pred", "tool_args_gold")))
+        out.update(tool_args_precision=p, tool_args_recall=r, tool_args_f1=f)
     text = [r for r in rows if "chrf" in r]
     if text:
         out["chrf"] = chrf_corpus([r["generated"] for r in text], [r["target"] for r in text])
     out["rows"] = len(rows)
     out["rows_structured"] = sum(r["task"] == "structured" for r in rows)
     out["rows_text"] = len(text)
+    out["rows_tool_call"] = len(calls)
     return out
 
 

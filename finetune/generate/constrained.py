@@ -1,4 +1,4 @@
-"""Schema-constrained decoding (`generate.constrain=json_schema`, `eval.constrain=json_schema`).
+"""Schema-constrained decoding (`generate.constrain=json_schema`, `eval.constrain=json_schema`), and tool calls.
 
 Every generated output parses as JSON and validates against its row's JSON Schema: at each step a
 `LogitsProcessor` sets to -inf every token that cannot continue a valid value; once the value is complete
@@ -246,3 +246,55 @@ class JsonSchemaLogitsProcessor(LogitsProcessor):
         allowed = ((packed.unsqueeze(-1) >> self._shifts) & 1).view(packed.shape[0], -1)[:, : self._vocab_size]
         # Not in place: generate() keeps the unprocessed logits when output_logits=True.
         return scores.masked_fill(allowed == 0, float("-inf"))
+
+
+def tool_call_grammar(call_schema: dict, prefix: str, suffix: str, separators: tuple[str, str] = (", ", ": ")) -> str:
+    """llguidance Lark grammar of one tool call in the template's wire format: prefix + JSON call + suffix.
+
+    `call_schema` is finetune.data.tools.call_schema(tools): {"name": const, "arguments": <the tool's
+    parameter schema>}, so the arguments are held to the tool's schema, not only to "some JSON". The
+    separators are the template's (Qwen2.5 writes its calls with `tojson`: ", " and ": ").
+    """
+    schema = dict(call_schema)
+    schema["x-guidance"] = {"whitespace_flexible": False, "item_separator": separators[0],
+                            "key_separator": separators[1]}
+    return (f"start: {json.dumps(prefix)} call {json.dumps(suffix)}\n"
+            f"call: %json {json.dumps(schema)}\n")
+
+
+def tool_call_processor(
+    tokenizer: Any,
+    call_schemas: Sequence[dict],
+    vocab_size: int,
+    *,
+    prefix: str,
+    suffix: str,
+    separators: tuple[str, str] = (", ", ": "),
+    eos_token_id: Optional[int] = None,
+) -> "JsonSchemaLogitsProcessor":
+    """Like json_schema_processor, for tool-call turns: row i writes one call valid under call_schemas[i].
+
+    prefix / suffix / separators come from finetune.data.render.tool_call_format(tokenizer) (for Qwen2.5:
+    "<tool_call>\\n", "\\n</tool_call>"). Raises FinetuneError as json_schema_processor does.
+    """
+    check_available()
+    import llguidance
+
+    eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
+    if eos is None:
+        raise FinetuneError("constrained decoding needs an end token: the tokenizer has no eos_token; pass eos_token_id")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    lltok = _ll_tokenizer(tokenizer, vocab_size, eos)
+    grammars, compiled = [], {}
+    for row, schema in enumerate(call_schemas):
+        text = tool_call_grammar(schema, prefix, suffix, separators)
+        if text not in compiled:
+            grammar = llguidance.LLMatcher.grammar_from_lark(text)
+            is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, lltok)
+            if is_error:
+                raise FinetuneError(f"tool-call schema of row {row} cannot be enforced: {messages[0]}")
+            compiled[text] = grammar
+        grammars.append(compiled[text])
+    if not grammars:
+        raise FinetuneError("tool_call_processor needs one call schema per batch row; got none")
+    return JsonSchemaLogitsProcessor(lltok, grammars, vocab_size, eos, pad)

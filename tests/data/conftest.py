@@ -91,3 +91,56 @@ def chat():
 def make_cfg():
     """make_cfg(*sources, **settings) -> DataConfig (sources as dicts or path strings; cache off by default)."""
     return _make_cfg
+
+
+# Written for these tests in the shape of Qwen2.5-Instruct's tool-calling template: tool definitions in
+# the system turn, calls as <tool_call>{"name": ..., "arguments": ...}</tool_call>, tool results as a
+# user turn of <tool_response> blocks.
+TOOLS_TEMPLATE = (
+    "{%- set sys = messages[0].content if messages and messages[0].role == 'system' else 'You are a helpful bot.' %}"
+    "{{- '<|im_start|>system\\n' + sys }}"
+    "{%- if tools %}{{- '\\n\\n# Tools\\n<tools>' }}{%- for t in tools %}{{- '\\n' + (t | tojson) }}{%- endfor %}"
+    "{{- '\\n</tools>' }}{%- endif %}{{- '<|im_end|>\\n' }}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'user' %}{{- '<|im_start|>user\\n' + m.content + '<|im_end|>\\n' }}"
+    "{%- elif m.role == 'assistant' %}{{- '<|im_start|>assistant' }}"
+    "{%- if m.content %}{{- '\\n' + m.content }}{%- endif %}"
+    "{%- for c in m.tool_calls or [] %}{{- '\\n<tool_call>\\n{\"name\": \"' + c.function.name + '\", \"arguments\": '"
+    " + (c.function.arguments | tojson) + '}\\n</tool_call>' }}{%- endfor %}{{- '<|im_end|>\\n' }}"
+    "{%- elif m.role == 'tool' %}"
+    "{%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}"
+    "{{- '\\n<tool_response>\\n' + m.content + '\\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+# In the shape of Qwen3's template: reasoning is shown only for replies after the last user query, so a
+# multi-turn conversation is not prefix-stable (earlier turns lose their reasoning).
+REASONING_TEMPLATE = (
+    "{%- set ns = namespace(last=-1) %}"
+    "{%- for m in messages %}{%- if m.role == 'user' %}{%- set ns.last = loop.index0 %}{%- endif %}{%- endfor %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'assistant' %}"
+    "{%- set r = m.reasoning_content or '' %}"
+    "{%- if loop.index0 > ns.last %}"
+    "{{- '<|im_start|>assistant\\n<think>\\n' + r + '\\n</think>\\n\\n' + m.content + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>assistant\\n' + m.content + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- else %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def tools_tok(tiny_tok):
+    tok = copy.deepcopy(tiny_tok)
+    tok.chat_template = TOOLS_TEMPLATE
+    return tok
+
+
+@pytest.fixture(scope="session")
+def reasoning_tok(tiny_tok):
+    tok = copy.deepcopy(tiny_tok)
+    tok.chat_template = REASONING_TEMPLATE
+    return tok

@@ -10,7 +10,7 @@ from finetune.data import build_datasets, preview, render_prompt, write_stats
 from finetune.paths import CONFIG_DIR
 from finetune.config.data import DataConfig
 
-COLUMNS = {"input_ids", "assistant_masks", "messages", "task", "schema", "target", "origin"}
+COLUMNS = {"input_ids", "assistant_masks", "messages", "task", "schema", "target", "origin", "tools"}
 
 
 def demo_config(**overrides) -> DataConfig:

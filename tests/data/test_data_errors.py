@@ -1,4 +1,5 @@
-"""Bad input: with on_error=raise a DataError naming file, line and field and what to do; with skip, counted."""
+"""Bad input: with on_error=raise a DataError naming file, line and field and what to do; with skip (default), counted,
+and the run fails when more than data.max_bad_fraction of a source is bad."""
 from __future__ import annotations
 
 import json
@@ -12,14 +13,18 @@ SCHEMA = {"type": "object", "properties": {"age": {"type": "integer"}}, "require
 
 
 def _raise_and_skip(build, path, fmt, reason, *needles):
-    """The row on line 2 is bad: raise names it; skip keeps the 2 good rows and counts the bad one."""
+    """The row on line 2 is bad: raise names it; skip keeps the 2 good rows and counts the bad one;
+    the default (skip, at most 1% bad) fails on 1 bad row in 3 and names the first one."""
     with pytest.raises(DataError) as exc:
-        build({"path": path, "format": fmt})
+        build({"path": path, "format": fmt}, on_error="raise")
     msg = str(exc.value)
     assert f"{path}:2" in msg and f"[{reason}]" in msg and "on_error=skip" in msg, msg
     for needle in needles:
         assert needle in msg, msg
-    splits = build({"path": path, "format": fmt}, on_error="skip")
+    with pytest.raises(DataError, match=rf"1 of 3 rows are bad \(33.3%, more than data.max_bad_fraction=0.01\): "
+                                        rf"{reason} 1\. First: .*:2: "):
+        build({"path": path, "format": fmt})
+    splits = build({"path": path, "format": fmt}, max_bad_fraction=0.5)
     assert splits.stats["rows_read"] == 3 and splits.stats["rows_kept"] == 2
     assert splits.stats["rows_dropped"] == {reason: 1}
     assert splits.stats["sources"][0]["rows_dropped"] == {reason: 1}
@@ -60,7 +65,7 @@ def test_non_utf8_csv_is_a_file_error(build, tmp_path):
     path = tmp_path / "bad.csv"
     path.write_bytes(b"prompt,completion\nhi,caf\xe9\n")
     with pytest.raises(DataError, match=r"bad\.csv:2: file is not UTF-8"):
-        build({"path": str(path), "format": "completion"}, on_error="skip")
+        build({"path": str(path), "format": "completion"})
 
 
 def test_target_failing_its_schema(build, write_jsonl):
@@ -86,7 +91,7 @@ def test_dataset_empty_after_filtering(build, write_jsonl, chat):
 def test_skipped_rows_are_logged(build, write_jsonl, chat, caplog):
     path = write_jsonl([chat(), "not json", chat()])
     with caplog.at_level(logging.INFO, logger="finetune.data"):
-        build({"path": path}, on_error="skip")
+        build({"path": path}, max_bad_fraction=0.5)
     assert any(r.levelno == logging.WARNING and ":2" in r.getMessage() for r in caplog.records)
     assert any("dropped: bad_json 1" in r.getMessage() for r in caplog.records)
 

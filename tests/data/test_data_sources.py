@@ -48,7 +48,7 @@ def test_shuffle_is_deterministic_by_seed(build, write_jsonl):
 
 def test_max_samples_keeps_first_good_rows(build, write_jsonl):
     path = write_jsonl(["broken"] + _rows(10, "A"))
-    splits = build(_src(path, max_samples=3), on_error="skip")
+    splits = build(_src(path, max_samples=3), max_bad_fraction=0.5)
     assert sorted(splits.train["target"]) == ["A answer 0.", "A answer 1.", "A answer 2."]
     assert splits.stats["rows_read"] == 4 and splits.stats["rows_dropped"] == {"bad_json": 1}
 

@@ -1,0 +1,61 @@
+"""Generate the data of the main demo (SmolLM2-135M-Instruct, nf4 QLoRA on CPU); all text written by us.
+
+    python -m finetune.demo_data.make_extraction_data   # rewrites the six .jsonl files beside this script
+
+extraction_{train,val}.jsonl  400/60 `structured` rows {input, output, schema, lang}: five schemas (contact
+                              card, order with line items, event with a nested location, support ticket with
+                              enum category/priority, product review with a rating and nullable fields);
+                              inputs in English, French, German and Spanish (extraction.py).
+chat_{train,val}.jsonl        40/10 `messages` rows: reverse, sort, convert, capitalise... whose answer
+                              follows from the prompt, so free-text scores mean something (chat_tools.py).
+tools_{train,val}.jsonl       60/15 OpenAI chat fine-tuning rows: per-row `tools`, an assistant turn with
+                              `tool_calls` (content null), sometimes a `tool` result and a final reply.
+
+Why it looks like this: a 135M model trained for a few minutes must reach exact match on rows it has never
+seen, so every target string is copied verbatim from the input, enums and booleans follow fixed cue phrases
+("dringend" -> priority "high"), a nullable field the text does not mention is null, and targets stay short
+(compact JSON well under 80 tokens). Variety comes from layouts (labelled card vs prose), clause order,
+several phrasings per language and distractor sentences. Held-out rows take names, companies, cities,
+products, venues, restaurants and words from pools that share no word with training (pools.py); drawn values
+(ids, phones, dates, amounts, times) are redrawn until none of their words occurs in a training value.
+Seeded: rerunning writes byte-identical files.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from finetune.demo_data.chat_tools import chat_rows, tool_rows
+from finetune.demo_data.extraction import extraction_rows
+from finetune.demo_data.pools import TRAIN, VAL, Draw, pool_words
+
+HERE = Path(__file__).resolve().parent
+SEED = 13
+COUNTS = {"extraction": (400, 60), "chat": (40, 10), "tools": (60, 15)}  # (train, val) rows
+BUILDERS = {"extraction": extraction_rows, "chat": chat_rows, "tools": tool_rows}
+
+
+def build_all() -> dict[str, list[dict]]:
+    """Rows of every file by file name. Training rows come first; held-out draws then avoid their words."""
+    rng = random.Random(SEED)
+    train = Draw(rng, TRAIN)
+    files = {f"{kind}_train.jsonl": BUILDERS[kind](train, n) for kind, (n, _) in COUNTS.items()}
+    val = Draw(rng, VAL, avoid=frozenset(train.used | pool_words(TRAIN)))
+    files |= {f"{kind}_val.jsonl": BUILDERS[kind](val, n) for kind, (_, n) in COUNTS.items()}
+    return files
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def main(out_dir: Path = HERE) -> None:
+    for name, rows in build_all().items():
+        write_jsonl(out_dir / name, rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""Entity pools and random draws of the main demo's data (see make_extraction_data.py).
+
+Train and val pools share no word; `Draw.fresh` redraws a held-out value (id, phone, date, amount, time)
+until none of its words occurs in a training value, so no held-out row can be answered from memory.
+"""
+from __future__ import annotations
+
+import json
+import random
+import unicodedata
+from dataclasses import dataclass
+from typing import Any, Callable
+
+LANGS = ("en", "fr", "de", "es")
+PUNCT = ".,;:!?()[]\"'¡¿"
+
+
+@dataclass(frozen=True)
+class Pool:
+    """Entity pools of one split; train and val share no word."""
+
+    first: tuple[str, ...]
+    last: tuple[str, ...]
+    companies: tuple[tuple[str, str], ...]    # (name, e-mail domain)
+    cities: tuple[str, ...]
+    brands: tuple[str, ...]
+    model_letters: str
+    venues: tuple[str, ...]
+    title_words: tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]
+    minutes: tuple[int, ...]                  # times end in :00/:30 in train, :15/:45 in val
+    restaurants: tuple[str, ...]
+    words: tuple[str, ...]                    # chat tasks
+
+
+TRAIN = Pool(
+    first=("Lena", "Marco", "Sofía", "Lukas", "Camille", "Javier", "Amélie", "Tobias", "Lucía", "Hugo", "Elena",
+           "Felix", "Chloé", "Diego", "Inès", "Jonas", "Clara", "Mateo", "Nora", "Pablo", "Emma", "Louis",
+           "Carmen", "Max", "Julie", "Andrés", "Hanna", "Théo", "Marta", "Paul", "Alice", "Sergio", "Greta",
+           "Victor", "Laura", "Jürgen"),
+    last=("Berg", "Rossi", "Martin", "Schneider", "Dubois", "García", "Weber", "Lefèvre", "Fernández", "Keller",
+          "Moreau", "López", "Fischer", "Bernard", "Navarro", "Wagner", "Laurent", "Romero", "Hoffmann", "Girard",
+          "Ortiz", "Becker", "Roux", "Castillo", "Schulz", "Fontaine", "Vega", "Krause", "Mercier", "Herrera",
+          "Braun", "Lambert", "Molina", "Vogel", "Chevalier", "Suárez"),
+    companies=(("Nordwind GmbH", "nordwind.de"), ("Brightpath Ltd", "brightpath.co.uk"),
+               ("Soleil Conseil", "soleil-conseil.fr"), ("Altamira Foods", "altamira.es"),
+               ("Bluestone Labs", "bluestone.io"), ("Tannhaus AG", "tannhaus.de"), ("Cobalt Systems", "cobalt.com"),
+               ("Vireo Software", "vireo.io"), ("Lumen Partners", "lumen.co.uk"), ("Eisenwerk Kraft", "eisenwerk.de"),
+               ("Atelier Moulin", "moulin.fr"), ("Grupo Ribera", "ribera.es"), ("Fjord Logistics", "fjord.com"),
+               ("Kestrel Media", "kestrel.co.uk"), ("Papeterie Dumas", "dumas.fr"),
+               ("Sierra Verde SA", "sierraverde.es"),
+               ("Hansa Digital", "hansa.de"), ("Oakridge Health", "oakridge.com"), ("Quill Analytics", "quill.io"),
+               ("Marea Textil", "marea.es")),
+    cities=("Lyon", "Hamburg", "Valencia", "Porto", "Munich", "Bordeaux", "Seville", "Zurich", "Leeds", "Graz",
+            "Nantes", "Bilbao", "Cologne", "Toulouse", "Málaga", "Dublin", "Antwerp", "Geneva", "Bristol", "Leipzig",
+            "Marseille", "Granada", "Vienna", "Lille", "Dresden", "Córdoba", "Bremen", "Zaragoza", "Glasgow", "Turin"),
+    brands=("Aerolux", "Brisa", "Calyx", "Dunmore", "Everlite", "Fennec", "Glimmer", "Halcyon", "Ionis", "Jubilo",
+            "Kairo", "Lumio"),
+    model_letters="ABCDEFGHJK",
+    venues=("Kesselhaus", "Palau Ribes", "Espace Corvin", "Tivoli Arena", "Rosengarten", "Teatro Alba",
+            "Maison Verlaine", "Brickworks", "Sala Tercera", "Hangar Nord", "Kulturwerk", "Théâtre Bellevue",
+            "Corn Exchange", "Auditorio Miramar", "Salle Rameau", "Lagerhalle"),
+    title_words=(("Spring", "Midnight", "Golden", "Northern", "Harbor", "Urban", "Wild", "Blue"),
+                 ("Jazz", "Code", "Film", "Design", "Poetry", "Startup", "Wine", "Robotics"),
+                 ("Festival", "Night", "Summit", "Meetup", "Fair", "Gala")),
+    minutes=(0, 30),
+    restaurants=("Trattoria Sole", "Le Petit Zinc", "Casa Pepe", "Zum Hirschen", "Brasserie Octave", "Taberna Luna",
+                 "Bistro Fauve", "Gasthaus Linde", "Osteria Mare", "Sushi Kaze", "La Cocotte", "El Faro"),
+    words=("apple", "river", "window", "garden", "candle", "pencil", "mountain", "orange", "blanket", "bridge",
+           "coffee", "rabbit", "silver", "forest", "ticket", "guitar", "lemon", "castle", "rocket", "pillow"),
+)
+VAL = Pool(
+    first=("Ingrid", "Rafael", "Margot", "Dominik", "Beatriz", "Anouk", "Ulrich", "Ximena", "Quentin", "Leonor",
+           "Henrik", "Solène", "Gonzalo", "Wiebke"),
+    last=("Zimmermann", "Delacroix", "Villanueva", "Brandt", "Marchetti", "Quiroga", "Lindqvist", "Beaumont",
+          "Echeverría", "Oberhauser", "Thibault", "Salcedo", "Rasmussen", "Okonkwo"),
+    companies=(("Polaris BV", "polaris.nl"), ("Ardoise SARL", "ardoise.fr"), ("Kranich KG", "kranich.de"),
+               ("Tesela SL", "tesela.es"), ("Harrow Inc", "harrow.com"), ("Brume Studio", "brume.fr"),
+               ("Lichtblick Werke", "lichtblick.de"), ("Corriente Energía", "corriente.es")),
+    cities=("Strasbourg", "Salamanca", "Innsbruck", "Rotterdam", "Montpellier", "Nuremberg", "Cádiz", "Aberdeen",
+            "Bergen", "Ghent", "Lausanne", "Alicante", "Freiburg"),
+    brands=("Nubra", "Orvano", "Pixelle", "Quenta", "Ravelle", "Sorrel", "Tavio", "Umbra"),
+    model_letters="MNPRSTVWXZ",
+    venues=("Glasshouse", "Quai Lumière", "Werkhalle Ost", "Pavillon Ardent", "Patio Nervión", "Speicherhof"),
+    title_words=(("Autumn", "Crimson", "Velvet", "Coastal"), ("Cello", "Ceramics", "Chess", "Tango"),
+                 ("Symposium", "Showcase", "Forum", "Jamboree")),
+    minutes=(15, 45),
+    restaurants=("Auberge Marius", "Ristorante Nuvola", "Wirtshaus Eiche", "Cantina Rayo", "Izakaya Hoshi"),
+    words=("violin", "meadow", "lantern", "compass", "walnut", "glacier", "teapot", "falcon", "saddle", "marble"),
+)
+
+
+def value_tokens(value: Any) -> set[str]:
+    """The words of a value as the disjointness rule sees them: whitespace-split, edge punctuation off, lowercased."""
+    return {w.strip(PUNCT).lower() for w in str(value).split()} - {""}
+
+
+class Draw:
+    """Random choices of one split; `fresh` values never share a word with `avoid` (the training values)."""
+
+    def __init__(self, rng: random.Random, pool: Pool, avoid: frozenset[str] = frozenset()):
+        self.rng, self.pool, self.avoid, self.used = rng, pool, avoid, set()
+
+    def fresh(self, make: Callable[[random.Random], Any]) -> Any:
+        for _ in range(10_000):
+            value = make(self.rng)
+            words = value_tokens(value)
+            if not words & self.avoid:
+                self.used |= words
+                return value
+        raise RuntimeError("could not draw a held-out value disjoint from training; widen the value range")
+
+    def pick(self, seq: Any) -> Any:
+        return self.rng.choice(seq)
+
+    def chance(self, p: float) -> bool:
+        return self.rng.random() < p
+
+    def name(self) -> str:
+        return f"{self.pick(self.pool.first)} {self.pick(self.pool.last)}"
+
+    def product(self) -> str:
+        code = f"{self.pick(self.pool.model_letters)}{self.pick((2, 3, 4, 5, 7, 8, 9, 10, 20, 40, 60, 80))}"
+        return f"{self.pick(self.pool.brands)} {code}"
+
+    def time(self) -> str:
+        return self.fresh(lambda r: f"{r.randint(9, 22):02d}:{r.choice(self.pool.minutes):02d}")
+
+    def date(self) -> str:
+        return self.fresh(lambda r: f"{r.randint(2024, 2026)}-{r.randint(1, 12):02d}-{r.randint(1, 28):02d}")
+
+    def amount(self) -> int | float:
+        # round(): 10 + 0.95 is 10.950000000000001 in binary floating point
+        return self.fresh(lambda r: round(r.randint(10, 990) + r.choice((0, 0, 0.5, 0.25, 0.95, 0.99)), 2))
+
+    def order_ref(self) -> str:
+        return self.fresh(lambda r: r.choice((f"{r.choice('ABKRZ')}-{r.randint(10000, 99999)}",
+                                              f"{r.choice(('OR', 'PO', 'WB'))}{r.randint(100000, 999999)}")))
+
+
+def num(x: int | float) -> str:
+    """A number exactly as the JSON target spells it, so the input shows the same characters."""
+    return json.dumps(x)
+
+
+def ascii_lower(s: str) -> str:
+    return unicodedata.normalize("NFKD", s).encode("ascii", "ignore").decode().lower()
+
+
+def pool_words(pool: Pool) -> set[str]:
+    """Every word of a split's named entities."""
+    words: set[str] = set()
+    for seq in (pool.first, pool.last, pool.cities, pool.brands, pool.venues, pool.restaurants, pool.words,
+                [c for c, _ in pool.companies], *pool.title_words):
+        for item in seq:
+            words |= value_tokens(item)
+    return words
