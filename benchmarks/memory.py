@@ -1,7 +1,7 @@
 """Peak resident memory of a few QLoRA (nf4) training steps vs 16-bit LoRA, on a Qwen2.5-0.5B-shape model (CPU).
 
-    python benchmarks/memory.py                    # 3 steps of 128 tokens per arm, a few minutes on 2 cores
-    python benchmarks/memory.py --quick            # make bench: 2 steps of 64 tokens
+    python benchmarks/memory.py                    # 3 steps per arm at 64, 512 and 2,048 tokens
+    python benchmarks/memory.py --quick            # make bench: 1 step per arm at each size
     python benchmarks/memory.py --size tiny        # smoke run (tests): a 2-layer shape, seconds
     python benchmarks/memory.py --size qwen2.5-3b  # 3B shape: a 6 GB checkpoint, about 10 minutes here
 
@@ -18,6 +18,16 @@ packed row each:
   lora16       quant=none with bf16 weights and bf16 compute: "16-bit LoRA" (on CPU bf16 stands in for the
                GPU's 16-bit storage; the bytes are the same). transformers memory-maps the safetensors file
                and uses bf16 weights in place, so they count as file-backed resident pages once touched.
+  stock_qlora  stock peft + trl, as their docs show it: `from_pretrained` with a BitsAndBytesConfig (nf4, double
+               quantization, bf16 compute), peft's `prepare_model_for_kbit_training` (which widens the frozen
+               embedding table to fp32), a plain trl SFTTrainer (bf16, LoRA r16 all-linear). Gradient
+               checkpointing is off as in the project's CPU default (trl's default would turn it on and
+               measure a different activation policy, not the loader).
+
+The headline `ratio` is qlora_bf16 / lora16: the same (bf16) compute dtype in both arms, so it measures the 4-bit
+storage alone; `ratio_auto_compute` uses the qlora arm (compute_dtype auto: what `finetune train` picks on this
+CPU), `project_vs_stock` is qlora_bf16 / stock_qlora. Each is reported per sequence length (64, 512 and 2,048
+tokens: activations grow with it and the weights' share falls); the headline figures are at the longest one.
 
 Each arm reports, above its own resident memory after imports: the loading peak, the resident memory after
 loading (weights copied out of the memory-mapped checkpoint, see `materialize`), and the peak of the whole
@@ -26,7 +36,8 @@ run (`peak`). Peaks are VmHWM, reset between phases through
 safetensors file's pages while they are memory-mapped, which the kernel can drop at any time. A 4-bit load
 passes the check when its anonymous loading peak stays below one bf16 copy of the model. The arms run with
 MALLOC_MMAP_THRESHOLD_=65536 (see MALLOC_ENV), so RSS follows live tensors rather than the heap's history.
-The last line printed is one JSON object with both peaks and `ratio` (qlora / lora16). Goal: ratio <= 0.5.
+The last line printed is one JSON object: the peaks and ratios at the longest sequence, `by_seq_len` for every
+length. Goal: ratio <= 0.5.
 """
 from __future__ import annotations
 
@@ -58,7 +69,9 @@ ARMS = {  # arm -> quant group
     "qlora": {"method": "nf4", "compute_dtype": "auto"},
     "qlora_bf16": {"method": "nf4", "compute_dtype": "bfloat16"},
     "lora16": {"method": "none", "compute_dtype": "bfloat16"},
+    "stock_qlora": {"method": "nf4", "compute_dtype": "bfloat16"},  # loaded and trained by stock peft + trl
 }
+SEQ_LENS = (64, 512, 2048)
 # glibc's dynamic mmap threshold keeps freed multi-MB buffers (dequantized weights, activations) in the heap:
 # two runs of the same arm measured 816 and 1,566 MB after loading. With a fixed threshold every large
 # tensor is its own mapping, returned on free, and RSS follows the live tensors (701 MB, repeatably).
@@ -136,13 +149,16 @@ def measure(arm: str, root: Path, steps: int, seq_len: int) -> dict:
     mem = Memory()
     base = mem.reset()
     started = time.perf_counter()
-    model = load_base_model(cfg.model, cfg.quant, "cpu")
+    model = stock_load(root) if arm == "stock_qlora" else load_base_model(cfg.model, cfg.quant, "cpu")
     load_s = time.perf_counter() - started
     load_peak, load_anon = mem.status()["VmHWM"], mem.anon_peak
     copied = materialize(model, root / "model")
     loaded = mem.status()
     mem.reset()
-    trainer = build_trainer(cfg, splits, tokenizer, root / f"run-{arm}", "cpu", model=model)
+    if arm == "stock_qlora":
+        trainer = stock_trainer(model, splits.train, tokenizer, steps, seq_len, root / f"run-{arm}")
+    else:
+        trainer = build_trainer(cfg, splits, tokenizer, root / f"run-{arm}", "cpu", model=model)
     seen = {}
 
     class Peak(TrainerCallback):  # read before the end-of-run checkpoint is written
@@ -157,7 +173,7 @@ def measure(arm: str, root: Path, steps: int, seq_len: int) -> dict:
     embed = trainer.model.get_input_embeddings()
     embed = getattr(embed, "base_layer", embed)
     return {
-        "arm": arm, "quant": cfg.quant.method,
+        "arm": arm, "quant": cfg.quant.method, "seq_len": seq_len,
         "compute_dtype": str(resolve_dtype(cfg.quant.compute_dtype, "cpu")).replace("torch.", ""),
         "embedding_dtype": str(embed.weight.dtype).replace("torch.", ""),
         "after_imports_mb": round(base["VmRSS"]),
@@ -171,6 +187,30 @@ def measure(arm: str, root: Path, steps: int, seq_len: int) -> dict:
         "losses": [round(r["loss"], 4) for r in trainer.state.log_history if "loss" in r],
         "peak_reset": mem.can_reset,
     }
+
+
+def stock_load(root: Path):
+    """The QLoRA loading of peft's and trl's docs: nf4 + double quantization, bf16 compute, peft's k-bit prep."""
+    import torch
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(root / "model", quantization_config=bnb, device_map="cpu")
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def stock_trainer(model, train, tokenizer, steps: int, seq_len: int, out: Path):
+    """A plain trl SFTTrainer over `train` (one row of seq_len tokens per step), LoRA r16 on all linear layers."""
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(output_dir=str(out), max_steps=steps, per_device_train_batch_size=1, max_length=seq_len,
+                     bf16=True, use_cpu=True, gradient_checkpointing=False, logging_steps=1, save_strategy="no",
+                     report_to="none", warmup_steps=0)
+    return SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
+                      peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
 
 
 def materialize(model, checkpoint: Path) -> int:
@@ -218,24 +258,28 @@ def run(cmd: list[str], what: str) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="make bench: 2 steps of 64 tokens")
+    p.add_argument("--quick", action="store_true", help="make bench: 1 step per arm at each sequence length")
     p.add_argument("--size", choices=tuple(SHAPES), default="qwen2.5-0.5b")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per arm (default 3; quick 2)")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens in the one training row (default 128; quick 64)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per arm (default 3; quick 1)")
+    p.add_argument("--seq-lens", default=",".join(map(str, SEQ_LENS)),
+                   help="comma-separated tokens in the one training row of each step (default 64,512,2048)")
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, from {', '.join(ARMS)}")
     p.add_argument("--keep", type=Path, help="build the model here and keep it (reused when already built)")
     p.add_argument("--phase", help=argparse.SUPPRESS)  # internal: build, or one arm per fresh process
     p.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    a.steps = a.steps if a.steps is not None else (2 if a.quick else 3)
-    a.seq_len = a.seq_len if a.seq_len is not None else (64 if a.quick else 128)
+    a.steps = a.steps if a.steps is not None else (1 if a.quick else 3)
+    try:
+        a.seq_lens = [int(x) for x in a.seq_lens.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--seq-lens={a.seq_lens}: comma-separated integers, e.g. 64,512,2048")
     a.arms = [x.strip() for x in a.arms.split(",") if x.strip()]
     unknown = [x for x in a.arms if x not in ARMS]
-    if unknown or not {"qlora", "lora16"} <= set(a.arms):
-        p.error(f"--arms={','.join(a.arms)}: use arms from {', '.join(ARMS)}, including qlora and lora16 "
-                "(the ratio compares them)")
-    if a.steps < 1 or a.seq_len < 2:
-        p.error(f"--steps must be >= 1 and --seq-len >= 2; got {a.steps} and {a.seq_len}")
+    if unknown or not {"qlora_bf16", "lora16"} <= set(a.arms):
+        p.error(f"--arms={','.join(a.arms)}: use arms from {', '.join(ARMS)}, including qlora_bf16 and lora16 "
+                "(the ratio compares them at the same compute dtype)")
+    if a.steps < 1 or not a.seq_lens or min(a.seq_lens) < 2:
+        p.error(f"--steps must be >= 1 and every --seq-lens value >= 2; got {a.steps} and {a.seq_lens}")
     return a
 
 
@@ -245,11 +289,12 @@ def main(argv: list[str] | None = None) -> dict | None:
         build(args.root, args.size)
         return None
     if args.phase:
-        print(json.dumps(measure(args.phase, args.root, args.steps, args.seq_len)))
+        arm, seq_len = args.phase.split("@")
+        print(json.dumps(measure(arm, args.root, args.steps, int(seq_len))))
         return None
     root = args.keep or Path(tempfile.mkdtemp(prefix="bench-memory-"))
     me = [sys.executable, str(Path(__file__).resolve()), "--root", str(root), "--size", args.size,
-          "--steps", str(args.steps), "--seq-len", str(args.seq_len), "--phase"]
+          "--steps", str(args.steps), "--phase"]
     try:
         root.mkdir(parents=True, exist_ok=True)
         if not (root / "model" / "config.json").is_file():
@@ -257,39 +302,54 @@ def main(argv: list[str] | None = None) -> dict | None:
             run(me + ["build"], "building the random model")
             print(f"built the random {args.size}-shape model in {time.perf_counter() - started:.0f} s", flush=True)
         copy16 = model_bytes(root) / MB
-        arms = {}
-        for arm in args.arms:
-            arms[arm] = json.loads(run(me + [arm], f"the {arm} arm").strip().splitlines()[-1])
-            print(f"  {json.dumps(arms[arm])}", flush=True)
-        return report(arms, copy16, args)
+        by_len = {}
+        for seq_len in args.seq_lens:
+            by_len[seq_len] = {}
+            for arm in args.arms:
+                out = run(me + [f"{arm}@{seq_len}"], f"the {arm} arm at {seq_len} tokens")
+                by_len[seq_len][arm] = json.loads(out.strip().splitlines()[-1])
+                print(f"  {json.dumps(by_len[seq_len][arm])}", flush=True)
+        return report(by_len, copy16, args)
     finally:
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)
 
 
-def report(arms: dict, copy16: float, args) -> dict:
-    print(f"model: {args.size} shape, random, one bf16 copy = {copy16:.0f} MB; {args.steps} steps of "
-          f"{args.seq_len} tokens; MB above each process's resident memory after imports")
-    print(f"{'arm':18s} {'compute':>8s} {'load peak':>9s} {'(anon)':>7s} {'loaded':>7s} {'run peak':>8s} "
+def ratios(arms: dict, copy16: float) -> dict:
+    """Peaks and ratios of one sequence length."""
+    q16, l16 = arms["qlora_bf16"], arms["lora16"]
+    out = {"qlora_bf16_peak_mb": peak(q16), "lora16_peak_mb": peak(l16), "ratio": round(peak(q16) / peak(l16), 2)}
+    if "qlora" in arms:
+        out.update(qlora_peak_mb=peak(arms["qlora"]), ratio_auto_compute=round(peak(arms["qlora"]) / peak(l16), 2),
+                   qlora_compute_dtype=arms["qlora"]["compute_dtype"],
+                   qlora_load_peak_anon_mb=arms["qlora"]["load_peak_anon_mb"],
+                   qlora_load_below_bf16_copy=arms["qlora"]["load_peak_anon_mb"] < copy16)
+    if "stock_qlora" in arms:
+        out.update(stock_qlora_peak_mb=peak(arms["stock_qlora"]),
+                   project_vs_stock=round(peak(q16) / peak(arms["stock_qlora"]), 2),
+                   stock_embedding_dtype=arms["stock_qlora"]["embedding_dtype"])
+    return out
+
+
+def report(by_len: dict, copy16: float, args) -> dict:
+    print(f"model: {args.size} shape, random, one bf16 copy = {copy16:.0f} MB; {args.steps} steps of one row per "
+          f"arm; MB above each process's resident memory after imports")
+    print(f"{'tokens':>6s} {'arm':12s} {'compute':>8s} {'load peak':>9s} {'(anon)':>7s} {'loaded':>7s} {'run peak':>8s} "
           f"{'steps anon':>10s} {'load s':>6s} {'step s':>6s}")
-    for r in arms.values():
-        print(f"{r['arm']:18s} {r['compute_dtype']:>8s} {r['load_peak_mb']:9d} {r['load_peak_anon_mb']:7d} "
-              f"{r['loaded_mb']:7d} {peak(r):8d} {r['train_peak_anon_mb']:10d} {r['load_s']:6.1f} {r['step_s']:6.1f}")
-    q, l16 = arms["qlora"], arms["lora16"]
-    result = {
-        "size": args.size, "steps": args.steps, "seq_len": args.seq_len, "bf16_copy_mb": round(copy16),
-        "qlora_peak_mb": peak(q), "lora16_peak_mb": peak(l16), "ratio": round(peak(q) / peak(l16), 2),
-        "qlora_load_peak_mb": q["load_peak_mb"], "qlora_load_peak_anon_mb": q["load_peak_anon_mb"],
-        "lora16_load_peak_mb": l16["load_peak_mb"],
-        "qlora_load_below_bf16_copy": q["load_peak_anon_mb"] < copy16,
-    }
-    for arm, key in (("qlora_bf16", "ratio_bf16_compute"),):
-        if arm in arms:
-            result[f"{arm}_peak_mb"] = peak(arms[arm])
-            result[key] = round(peak(arms[arm]) / peak(l16), 2)
-    result["goals_met"] = {"ratio<=0.5": result["ratio"] <= 0.5,
-                           "4-bit load below one bf16 copy": result["qlora_load_below_bf16_copy"]}
-    result["details"] = list(arms.values())
+    for seq_len, arms in by_len.items():
+        for r in arms.values():
+            print(f"{seq_len:6d} {r['arm']:12s} {r['compute_dtype']:>8s} {r['load_peak_mb']:9d} "
+                  f"{r['load_peak_anon_mb']:7d} {r['loaded_mb']:7d} {peak(r):8d} {r['train_peak_anon_mb']:10d} "
+                  f"{r['load_s']:6.1f} {r['step_s']:6.1f}")
+    per_len = {str(n): ratios(arms, copy16) for n, arms in by_len.items()}
+    longest = str(max(by_len))
+    result = {"size": args.size, "steps": args.steps, "seq_len": int(longest), "bf16_copy_mb": round(copy16),
+              **per_len[longest], "ratio_max": max(v["ratio"] for v in per_len.values()), "by_seq_len": per_len}
+    goals = {"ratio<=0.5": result["ratio"] <= 0.5}
+    if "qlora_load_below_bf16_copy" in result:
+        goals["4-bit load below one bf16 copy"] = result["qlora_load_below_bf16_copy"]
+    result["goals_met"] = goals
+    result["details"] = [r for arms in by_len.values() for r in arms.values()]
     print(json.dumps(result))
     return result
 

@@ -22,6 +22,7 @@ RECIPES = {
     "eval": "generate on held-out rows, score, gate: run=<run dir>",
     "generate": "generate replies for a prompts file (or the val split): run=<run dir>",
     "export": "GGUF file + Ollama Modelfile of a run's merged model, read back by llama.cpp: run=<run dir>",
+    "verify": "the same prompts through adapter, merged, llama.cpp and vLLM; one parity report: run=<run dir>",
 }
 
 USAGE = """usage: finetune <recipe> [hydra overrides]
@@ -49,6 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     script = RECIPES_DIR / f"{name}.py"
     if name not in RECIPES or not script.is_file():
         print(f"finetune: unknown recipe {name!r}; choose one of: {', '.join(RECIPES)}", file=sys.stderr)
+        return 2
+    from finetune.config import FinetuneConfig
+    from finetune.config.argv import argv_problems
+    from finetune.errors import ConfigError
+
+    problems = argv_problems(rest, FinetuneConfig)  # before Hydra creates a run directory (finetune.config.argv)
+    if problems:
+        print(f"error: {ConfigError(problems)}", file=sys.stderr)
         return 2
     sys.argv = [str(script), *rest, *_quiet_rank_overrides(rest)]
     runpy.run_path(str(script), run_name="__main__")
@@ -83,6 +92,40 @@ def user_errors() -> Iterator[None]:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:  # disk full, permissions, encodings, damaged files: a message (finetune.errors)
+        from finetune.errors import user_message
+
+        message = user_message(e)
+        if message is None:
+            raise  # a bug: keep the traceback
+        logging.getLogger("finetune").debug("error", exc_info=True)
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+# Third-party messages that never apply to a finetune run: shown in the run's log file, not on the console.
+NOT_FOR_THE_CONSOLE = (
+    "kernels-community",  # bitsandbytes on CPU: an optional Hub kernel package; its own fallback runs (any quant)
+    "is_gradient_checkpointing` is deprecated",  # transformers 5.24 about its own internal call (trl, peft)
+    "`gradient_checkpointing` is deprecated",
+)
+
+
+class _ConsoleFilter:
+    def filter(self, record) -> bool:
+        text = record.getMessage()
+        return not any(s in text for s in NOT_FOR_THE_CONSOLE)
+
+
+def quiet_console() -> None:
+    """Route Python warnings through logging and keep the inapplicable ones above off the console handlers."""
+    import logging
+
+    logging.captureWarnings(True)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            if not any(isinstance(f, _ConsoleFilter) for f in handler.filters):
+                handler.addFilter(_ConsoleFilter())
 
 
 def setup(cfg, *, from_run: bool = False):
@@ -96,13 +139,21 @@ def setup(cfg, *, from_run: bool = False):
 
     from finetune.config import to_typed, validate
 
+    quiet_console()
     if from_run:
         if not cfg.get("run"):
             raise FinetuneError("this recipe needs a run directory: add run=<run dir> (e.g. run=outputs/demo/<time>)")
         saved = Path(cfg.run) / "config.yaml"
         if not saved.is_file():
             raise FinetuneError(f"run={cfg.run}: {saved} not found; is this a run directory made by `finetune train`?")
-        trained = OmegaConf.load(saved)
+        try:
+            trained = OmegaConf.load(saved)
+        except Exception as e:  # YAML syntax, not UTF-8, not a mapping
+            raise FinetuneError(f"run={cfg.run}: {saved} cannot be read ({str(e).splitlines()[0][:200]}); restore "
+                                "it from the run's .hydra/config.yaml, or train again") from None
+        if not OmegaConf.is_dict(trained) or "model" not in trained:
+            raise FinetuneError(f"run={cfg.run}: {saved} is not a run config (no model: section); restore it from "
+                                "the run's .hydra/config.yaml, or train again")
         cfg = OmegaConf.merge(cfg, {k: trained[k] for k in ("name", "model", "quant", "peft", "data", "train")
                                     if k in trained})
     return validate(to_typed(cfg))

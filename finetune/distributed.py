@@ -11,7 +11,7 @@ import hashlib
 import importlib.util
 import os
 from dataclasses import dataclass
-from typing import Iterator, Mapping
+from typing import Iterable, Iterator, Mapping
 
 FLOAT_STORAGE = ("bfloat16", "float16", "float32")
 
@@ -96,11 +96,22 @@ def trainable_checksum(model) -> str:
 
 
 def gather_strings(value: str) -> list[str]:
-    """`value` from every rank (a one-element list when not distributed)."""
-    import torch.distributed as dist
+    """`value` from every rank, in rank order (a one-element list when not distributed)."""
+    from accelerate.utils import gather_object
 
-    if not (dist.is_available() and dist.is_initialized()):
-        return [value]
-    out: list = [None] * dist.get_world_size()
-    dist.all_gather_object(out, value)
-    return [str(v) for v in out]
+    # accelerate's process state (the Trainer's): under a launcher all_gather_object over its group (gloo on
+    # CPU), without one the list comes back as given.
+    return [str(v) for v in gather_object([value])]
+
+
+def progress(iterable: Iterable | None = None, *, desc: str, total: int | None = None, unit: str = "it", **kwargs):
+    """A tqdm progress bar (the library transformers' own bars use) for a long step: merge, export, generation.
+
+    Drawn only by rank 0 and only on a terminal (tqdm's `disable=None`): redrawn with carriage returns into a
+    log file or a CI capture it is noise, and under torchrun every rank would draw its own bar over the others.
+    Disabled, it is a plain pass-through, so callers need no branch.
+    """
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, unit=unit, dynamic_ncols=True,
+                disable=None if is_main_process() else True, **kwargs)

@@ -1,4 +1,4 @@
-"""Run directories: atomic writes, the resolved config, memory readings."""
+"""Run directories: atomic writes of files and folders, memory readings."""
 from __future__ import annotations
 
 import json
@@ -18,6 +18,9 @@ def write_text_atomic(path: Path, text: str) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a published file gets the usual mode (0644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -39,22 +42,40 @@ def peak_memory_mb() -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024
 
 
-def publish_folder(tmp: Path, output: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Flush a directory entry (a rename inside it) to disk."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # directories cannot be opened on some platforms (Windows); the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish_folder(tmp: Path, output: Path) -> Path:
     """Swap a finished temporary folder in under its real name; an old `output` goes only after that.
 
-    mkdtemp/mkstemp create private entries (0700/0600); a published artifact gets the usual modes.
+    The one way a folder artifact appears (merged/, adapter/, export/gguf-*/, checkpoints/checkpoint-N/):
+    a reader sees the old folder or the new one, whole. An old `output` is moved aside first, under a
+    `.tmp-old-*` name, which the checkpoint cleanup (finetune.train.checkpoint.clean_staging) removes if a
+    crash strikes between the two renames. mkdtemp/mkstemp create private entries (0700/0600); a published
+    artifact gets the usual modes.
     """
     import shutil
 
+    tmp, output = Path(tmp), Path(output)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    for f in tmp.iterdir():
-        os.chmod(f, 0o666 & ~umask)
+    for path in [tmp, *tmp.rglob("*")]:
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
     old = None
     if output.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
+        old = Path(tempfile.mkdtemp(prefix=f".tmp-old-{output.name}-", dir=output.parent))
         os.replace(output, old / output.name)
     os.replace(tmp, output)
+    fsync_dir(output.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+    return output

@@ -25,9 +25,14 @@ def main(cfg: DictConfig) -> None:
         from finetune.merge.stream import merge_adapter
 
         out = merge_adapter(typed, Path(typed.run) if typed.run else None)
-        parity = json.loads((out / "parity.json").read_text())
-        keys = ("greedy_token_agreement", "max_abs_logit_diff", "identical_greedy_outputs", "prompts", "ok", "warning")
-        print(json.dumps({"merged": str(out), "base": typed.merge.base, **{k: parity.get(k) for k in keys}}))
+        from finetune.errors import FinetuneError
+        from finetune.merge.parity import parity_summary
+
+        parity = parity_summary(out)
+        print(json.dumps({"merged": str(out), **parity}))
+        if not parity["ok"] and typed.merge.parity_fail:
+            raise FinetuneError(f"merge parity: {parity['warning']} The merged folder is written ({out}); "
+                                "merge.parity_fail=false only warns")
 
 
 if __name__ == "__main__":

@@ -40,15 +40,15 @@ def main(cfg: DictConfig) -> None:
         out = run_dir()
 
         from finetune.distributed import is_main_process
-        from finetune.pipeline import preflight, resolve_resume, run_training
+        from finetune.pipeline import run_training
         from finetune.train.trainer import TrainingStopped
 
-        preflight(typed)  # refused settings, or a refused resume, must not overwrite the run's config.yaml
-        resolve_resume(typed, out)
-        if is_main_process():  # under torchrun/accelerate only rank 0 writes into the run directory
-            save_resolved_config(cfg, out / "config.yaml")
+        def save_config() -> None:  # after the checks: refused settings must not overwrite the run's config.yaml
+            if is_main_process():  # under torchrun/accelerate only rank 0 writes into the run directory
+                save_resolved_config(cfg, out / "config.yaml")
+
         try:
-            run_training(typed, out)
+            run_training(typed, out, before_write=save_config)
         except TrainingStopped as stop:
             print(f"training stopped by {stop.signal_name} at step {stop.step}; checkpoint saved: {stop.checkpoint}\n"
                   f"resume with: {resume_command(out)}", file=sys.stderr)

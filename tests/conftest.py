@@ -10,6 +10,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # any attempt to reach the hub fails loudly 
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# compute_dtype=auto picks bf16 on CPUs where it measures faster (finetune/models/cpu.py); recorded losses and
+# fp32 parity checks need the same fp32 compute on every machine.
+os.environ.setdefault("FINETUNE_CPU_DTYPE", "float32")
 
 
 @pytest.fixture(scope="session")

@@ -15,8 +15,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "run_all.py"
 
 
-def _module():
-    return load_script(SCRIPT, "bench_run_all")
+def _module(busy: str | None = None):
+    """The script as a module, with the busy-machine check answering `busy` (tests run on a shared machine)."""
+    ra = load_script(SCRIPT, "bench_run_all")
+    ra.machine_busy = lambda: busy
+    return ra
 
 
 def _fake(tmp_path: Path, name: str, body: str) -> None:
@@ -75,3 +78,32 @@ def test_unknown_benchmark_name_is_refused():
     proc = subprocess.run([sys.executable, str(SCRIPT), "--only", "memroy"], capture_output=True, text=True,
                           timeout=60, check=False)
     assert proc.returncode == 2 and "memroy" in proc.stderr and "train_throughput" in proc.stderr
+
+
+def test_a_busy_machine_is_refused_unless_forced(tmp_path, monkeypatch, capsys):
+    ra = _module(busy="this machine is busy: other processes use 1.5 of 2 cores (python (pid 9) 99%)")
+    _fake(tmp_path, "good", "open(__file__ + '.ran', 'w').close(); print(json.dumps({'x': 1}))\n")
+    monkeypatch.setattr(ra, "HERE", tmp_path)
+    monkeypatch.setattr(ra, "BENCHES", [ra.Bench("good", [])])
+    assert ra.main([]) == ra.BUSY_EXIT == 3
+    captured = capsys.readouterr()
+    assert "REFUSED: this machine is busy" in captured.err and "--force" in captured.err
+    assert not (tmp_path / "good.py.ran").exists()  # nothing was measured
+    assert ra.main(["--force"]) == 0
+    out = capsys.readouterr().out
+    assert "WARNING (--force): this machine is busy" in out and (tmp_path / "good.py.ran").exists()
+    combined = json.loads(out.strip().splitlines()[-1])
+    assert combined["busy"].startswith("this machine is busy") and combined["good"] == {"x": 1}
+
+
+def test_the_run_names_date_cpu_and_its_compute_dtype(tmp_path, monkeypatch, capsys):
+    ra = _module()
+    _fake(tmp_path, "good", "print(json.dumps({}))\n")
+    monkeypatch.setattr(ra, "HERE", tmp_path)
+    monkeypatch.setattr(ra, "BENCHES", [ra.Bench("good", [])])
+    assert ra.main([]) == 0
+    out = capsys.readouterr().out
+    machine = json.loads(out.strip().splitlines()[-1])["machine"]
+    assert set(machine) >= {"date", "cpu", "capability", "bf16_flags", "physical_cores", "auto_dtype"}
+    assert machine["auto_dtype"] in ("float32", "bfloat16") and machine["physical_cores"] >= 1
+    assert out.splitlines()[0].startswith(f"== {machine['date']}: {machine['cpu']}; torch capability ")

@@ -33,19 +33,34 @@ def test_every_shipped_config_composes_and_validates(group, option):
         assert OmegaConf.select(cfg, group) is not None
 
 
-def test_defaults_are_the_embedded_demo():
+def test_defaults_are_general_not_a_demo_preset(tmp_path):
+    mine = tmp_path / "My-Llama-3B"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"model_type": "llama"}')
     typed = validate(to_typed(compose_cfg()))
     assert typed.model.name_or_path == "embedded:tiny"
     assert typed.quant.method == "nf4" and typed.quant.double_quant and typed.quant.compute_dtype == "auto"
     assert (typed.peft.r, typed.peft.lora_alpha, typed.peft.lora_dropout) == (16, 32, 0.05)
     assert typed.peft.target_modules == "all-linear"
-    assert typed.name == "demo"
+    general = validate(to_typed(compose_cfg([f"model.name_or_path={mine}"])))
+    demo = validate(to_typed(compose_cfg(["experiment=tiny_demo"])))
+    assert typed.train.learning_rate == general.train.learning_rate != demo.train.learning_rate
+    assert typed.train.max_steps == general.train.max_steps != demo.train.max_steps
+    assert (typed.name, general.name, demo.name) == ("tiny", "my-llama-3b", "tiny_demo")
+
+
+def test_the_main_demo_is_the_real_model():
+    typed = validate(to_typed(compose_cfg(["experiment=demo"])))
+    assert typed.model.name_or_path == "embedded:smollm2-135m-instruct" and typed.name == "demo"
+    assert typed.model.architecture is None  # numbers come from the converted model's config.json
+    assert {s.path for s in typed.data.sources} >= {"demo:extraction_train.jsonl", "demo:extraction_val.jsonl"}
 
 
 def test_real_experiment_targets_qwen_3b():
     typed = validate(to_typed(compose_cfg(["experiment=qwen2_5_3b_json_qlora"])))
     assert typed.model.name_or_path == "Qwen/Qwen2.5-3B-Instruct"
-    assert typed.model.context_length == 32768
+    assert typed.model.context_length is None  # read from the model's config.json, never a preset's number
+    assert typed.model.architecture_of == typed.model.name_or_path
     assert typed.model.architecture["num_hidden_layers"] == 36
 
 

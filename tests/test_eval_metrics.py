@@ -97,3 +97,16 @@ def test_gate_values_are_validated_and_unknown_gate_names_rejected():
         to_typed({"eval": {"gates": {"exact_matsh": 0.9}}})
     assert EvalGates(exact_match=0.9).active() == {"exact_match": 0.9}
     assert to_typed({"eval": {"gates": {"chrf": 40, "max_target_perplexity": 3.0}}}).eval.problems() == []
+
+
+def test_a_json_reply_is_scored_as_structured_whatever_its_format():
+    from finetune.evaluation.metrics import aggregate, score_row
+
+    row = score_row('{"name": "Ada", "city": "Paris"}', '{"name": "Ada", "city": "Lyon"}', task="chat")
+    assert row["json_valid"] == 1.0 and row["field_f1"] == 0.5 and "chrf" not in row
+    text = score_row("Paris", "Paris", task="chat")
+    assert "json_valid" not in text and text["chrf"] == 100.0
+    scored = [{**row, "task": "chat", "stopped": 1.0, "generated": "{}", "target": "{}"},
+              {**text, "task": "chat", "stopped": 1.0, "generated": "Paris", "target": "Paris"}]
+    out = aggregate(scored)
+    assert out["rows_structured"] == 1 and out["json_valid_rate"] == 1.0

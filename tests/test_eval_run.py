@@ -40,6 +40,30 @@ def run(tmp_path_factory, tiny_dir):
 
 
 @pytest.fixture(scope="module")
+def tuned_run(tmp_path_factory, tiny_dir, model_and_val):
+    """A run whose merged/ really differs from the base: the tiny model trained (all weights, fp32) on the val
+    rows' label tokens, so it must score better than the base on exactly those rows."""
+    from transformers import AutoModelForCausalLM
+
+    _, _, val = model_and_val
+    out = tmp_path_factory.mktemp("tunedrun")
+    raw, _ = make_cfg()
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(raw, resolve=True))
+    shutil.copytree(tiny_dir, out / "merged")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    batch = [masked_labels(dict(r)) for r in val]
+    for _ in range(40):
+        for ids, labels in batch:
+            model(input_ids=ids, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(out / "merged")
+    return out
+
+
+@pytest.fixture(scope="module")
 def model_and_val(tiny_dir, tiny_tokenizer):
     from transformers import AutoModelForCausalLM
 
@@ -124,20 +148,45 @@ def test_schema_constrained_rows_start_as_json_and_text_rows_are_unchanged(model
     assert any(f["generated"] != c["generated"] for f, c in zip(free, cons) if c["task"] == "structured")
 
 
-def test_report_compares_base_and_tuned(run):
+def test_report_compares_base_and_tuned(tuned_run, model_and_val):
+    """merged/ was trained on the val rows: the report's base must be the untuned model's scores, its tuned the
+    merged model's, and the change tuned minus base, better where training made it better."""
+    base_model, tok, val = model_and_val
+    _, cfg = make_cfg("eval.examples=2", "eval.max_new_tokens=64")
+    metrics = evaluate_run(cfg, tuned_run)
+    report = json.loads((tuned_run / "eval/report.json").read_text())
+    assert report["metrics"] == metrics and metrics["rows"] == report["base"]["rows"] == 8
+    base_metrics, base_preds = evaluate_model(base_model, tok, val, cfg)  # the base, scored on its own
+    timing = "generated_tokens_per_s"
+    assert {k: v for k, v in report["base"].items() if k != timing} == \
+        {k: v for k, v in base_metrics.items() if k != timing}
+    assert report["delta"].keys() == {k for k in metrics if not k.startswith("rows")}
+    for k, change in report["delta"].items():
+        assert change == pytest.approx(metrics[k] - report["base"][k], abs=1e-12), k
+    # trained on these very rows: the tuned model is better on them
+    assert report["delta"]["target_loss"] < -1.0 and metrics["target_loss"] < 0.5 * report["base"]["target_loss"]
+    assert report["delta"]["exact_match"] > 0 and report["delta"]["chrf"] > 0
+    preds = [json.loads(line) for line in (tuned_run / "eval/predictions.jsonl").read_text().splitlines()]
+    assert [p["base"]["generated"] for p in preds] == [b["generated"] for b in base_preds]
+    assert sum(p["generated"] != p["base"]["generated"] for p in preds) >= 4
+    md = (tuned_run / "eval/report.md").read_text()
+    assert "| metric | base | tuned | change |" in md
+    em = next(line for line in md.splitlines() if line.startswith("| exact_match |"))
+    assert f"{report['base']['exact_match']:.4f}" in em and f"{metrics['exact_match']:.4f}" in em
+    assert md.count("expected: ") == 4 and "### Worst" in md
+
+
+def test_report_of_a_run_whose_merged_model_is_the_base_shows_no_change(run):
     _, cfg = make_cfg("eval.examples=2")
-    metrics = evaluate_run(cfg, run)
+    evaluate_run(cfg, run)
     report = json.loads((run / "eval/report.json").read_text())
-    assert report["metrics"] == metrics and report["metrics"]["rows"] == 8
-    # merged/ here IS the base: every metric must come out identical, and the change zero.
     assert {k: v for k, v in report["delta"].items() if k != "generated_tokens_per_s"} == \
         {k: 0.0 for k in report["delta"] if k != "generated_tokens_per_s"}
     assert "target_loss" in report["delta"] and "field_f1" in report["delta"] and "chrf" in report["delta"]
     preds = [json.loads(line) for line in (run / "eval/predictions.jsonl").read_text().splitlines()]
     assert len(preds) == 8 and all(p["generated"] == p["base"]["generated"] for p in preds)
     md = (run / "eval/report.md").read_text()
-    assert "| metric | base | tuned | change |" in md and "| exact_match |" in md
-    assert md.count("expected: ") == 4 and "### Worst" in md and ("[-" in md or "{+" in md)
+    assert md.count("expected: ") == 4 and ("[-" in md or "{+" in md)
 
 
 def test_gates_stop_the_run_after_the_report_is_written(run):

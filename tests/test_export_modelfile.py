@@ -96,7 +96,7 @@ def test_modelfile_without_a_usable_template_says_why(tok, tmp_path):
     info = write_modelfile(tmp_path, "m-f16.gguf", tok, [tok.convert_tokens_to_ids("<|im_end|>")], None, "m")
     text = (tmp_path / "Modelfile").read_text()
     assert "TEMPLATE" not in text.replace("# No TEMPLATE", "") and "# No TEMPLATE: user turns" in text
-    assert info == {"template": False, "template_note": info["template_note"], "stop": ["<|im_end|>"]}
+    assert info == {"template": False, "template_note": info["template_note"], "system": None, "stop": ["<|im_end|>"]}
     assert text.splitlines()[1] == "FROM ./m-f16.gguf" and 'PARAMETER stop "<|im_end|>"' in text
 
 
@@ -108,3 +108,19 @@ def test_sampling_settings_follow_generation_config(tok, tmp_path):
     lines = (tmp_path / "Modelfile").read_text().splitlines()
     assert lines[-4:] == ["PARAMETER temperature 0.7", "PARAMETER top_p 0.8", "PARAMETER top_k 20",
                           "PARAMETER repeat_penalty 1.05"]
+
+
+def test_default_system_prompt_becomes_the_modelfiles_system(tok, tmp_path):
+    """Qwen2.5 / SmolLM2 shape: Ollama sends SYSTEM as the first message, which renders as the default turn."""
+    tok.chat_template = DEFAULT_SYSTEM
+    info = write_modelfile(tmp_path, "m.gguf", tok, [], None, "m")
+    lines = (tmp_path / "Modelfile").read_text().splitlines()
+    assert info["system"] == "You are a helpful assistant." and 'SYSTEM """You are a helpful assistant."""' in lines
+    parts = template_parts(tok)[0]
+    chat = [{"role": "user", "content": "Hi"}]
+    with_system = [{"role": "system", "content": info["system"]}] + chat
+    assert parts.render(with_system, True) == parts.render(chat, True) == tok.apply_chat_template(
+        chat, tokenize=False, add_generation_prompt=True)
+    tok.chat_template = HEADERS_WITH_BOS  # starts with BOS, not with a system turn: no SYSTEM line
+    assert write_modelfile(tmp_path, "m.gguf", tok, [], None, "m")["system"] is None
+    assert not any(line.startswith("SYSTEM") for line in (tmp_path / "Modelfile").read_text().splitlines())

@@ -33,7 +33,16 @@ def merged_run(tmp_path_factory):
 def test_merge_command_prints_the_parity_summary(merged_run):
     run, summary = merged_run
     assert summary["merged"] == str(run / "merged") and summary["base"] == "original"
-    assert 0 <= summary["greedy_token_agreement"] <= 1 and summary["prompts"] == 8
+    parity = json.loads((run / "merged" / "parity.json").read_text())
+    for key in ("greedy_token_agreement", "max_abs_logit_diff", "identical_greedy_outputs", "ok", "warning"):
+        assert summary[key] == parity[key], key  # the printed line is the report's, not a stand-in
+    assert summary["prompts"] == len(parity["rows"]) == 8
+    # the agreement is over every scored position of every prompt, and `ok` is its threshold test
+    rows = parity["rows"]
+    assert parity["positions"] == sum(r["positions"] for r in rows) >= 8
+    assert parity["greedy_token_agreement"] == pytest.approx(sum(r["agreeing"] for r in rows) / parity["positions"])
+    assert parity["ok"] == (parity["greedy_token_agreement"] >= parity["threshold"])
+    assert parity["identical_greedy_outputs"] == sum(r["identical_greedy_output"] for r in rows)
 
 
 def test_artifact_is_self_contained(merged_run):

@@ -101,14 +101,42 @@ def test_widened_head_survives_deepcopy(bf16_checkpoint):
     assert torch.equal(head(x), x @ head.weight.float().t())
 
 
+def _cpu_repacks_4bit_weights() -> bool:
+    from bitsandbytes.functional import has_avx512bf16
+
+    return has_avx512bf16()
+
+
+def test_4bit_layers_are_kept_in_the_training_layout(tiny_dir):
+    """On any CPU: every Linear4bit the loader returns has bitsandbytes' CPU repacking turned off (the switch
+    the test below exercises where the CPU has the instructions that trigger it)."""
+    import bitsandbytes as bnb
+
+    cfg = _cfg(tiny_dir)
+    layers = [m for m in load_base_model(cfg.model, cfg.quant, "cpu").modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 14  # 7 linear layers x 2 blocks
+    assert not any(m.support_avx512bf16_for_cpu for m in layers)
+
+
+@pytest.mark.skipif(not _cpu_repacks_4bit_weights(),
+                    reason="bitsandbytes repacks 4-bit weights for CPU inference only on CPUs with AVX512-BF16: "
+                           "elsewhere nothing is repacked and this would pass whatever the loader does")
 def test_training_continues_after_an_eval_forward(tiny_dir):
     """bitsandbytes repacks 4-bit weights for CPU inference on an eval-mode no-grad forward (AVX512-BF16 CPUs);
     the next training step then failed. The Trainer does exactly that with train.eval_steps."""
     import bitsandbytes as bnb
 
     cfg = _cfg(tiny_dir)
-    model = get_peft_model(load_base_model(cfg.model, cfg.quant, "cpu"), LoraConfig(r=4, target_modules="all-linear"))
     ids = torch.randint(0, 500, (1, 16), generator=torch.Generator().manual_seed(0))
+    # the hazard, on this CPU: the same checkpoint loaded without our preparation is repacked by that forward
+    plain = AutoModelForCausalLM.from_pretrained(tiny_dir, device_map="cpu",
+                                                 quantization_config=quantization_config(cfg.quant, torch.float32))
+    with torch.no_grad():
+        plain.eval()(input_ids=ids)
+    assert all(m.weight.quant_state.packing_format_for_cpu
+               for m in plain.modules() if isinstance(m, bnb.nn.Linear4bit))
+
+    model = get_peft_model(load_base_model(cfg.model, cfg.quant, "cpu"), LoraConfig(r=4, target_modules="all-linear"))
     model.eval()
     with torch.no_grad():
         model(input_ids=ids)
@@ -116,3 +144,4 @@ def test_training_continues_after_an_eval_forward(tiny_dir):
     model(input_ids=ids, labels=ids).loss.backward()
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert layers and not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)

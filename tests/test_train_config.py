@@ -9,7 +9,7 @@ from finetune.errors import ConfigError
 from finetune.models.load import check_target_modules, load_base_model, resolve_dtype
 from finetune.paths import CONFIG_DIR
 from finetune.config import register_configs, to_typed, validate
-from finetune.train.trainer import check_environment, lora_config, sft_config, use_gradient_checkpointing
+from finetune.train.sft import check_environment, lora_config, sft_config, use_gradient_checkpointing
 
 register_configs()
 

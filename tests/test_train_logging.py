@@ -111,3 +111,13 @@ def test_plan_reads_config_json_when_the_model_config_has_no_architecture(tmp_pa
     res = run_cli("train", "model.architecture=null", "train.plan_only=true", f"hydra.run.dir={tmp_path}")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "embedded:tiny" in res.stdout and "LoRA params" in res.stdout
+
+
+def test_console_shows_one_readable_line_per_record_not_raw_dicts(run):
+    """Without a terminal the progress bar is off; each log record is one short line (ConsoleProgress), and
+    transformers' printing of the raw record dict is gone."""
+    out, res = run
+    console = res.stdout + res.stderr
+    assert "{'loss'" not in console and "'learning_rate'" not in console
+    lines = [line for line in (out / "train.log").read_text().splitlines() if "step 4/4: loss" in line]
+    assert lines and "lr " in lines[0] and "label tok/s" in lines[0] and "eta 0:00:00" in lines[0]

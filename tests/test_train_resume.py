@@ -143,7 +143,7 @@ def test_crash_mid_save_leaves_the_previous_checkpoint_whole(monkeypatch, data, 
     with pytest.raises(OSError, match="No space left"):
         train_mod.train(compose_cfg("train.max_steps=3"), *data, tmp_path)
     ckpts = tmp_path / "checkpoints"
-    assert (ckpts / ".tmp-checkpoint-2").is_dir()  # the half-written save, under its staging name
+    assert not (ckpts / ".tmp-checkpoint-2").exists()  # the failed save's staging folder is removed at once
     assert not (ckpts / "checkpoint-2").exists()
     assert complete_checkpoints(ckpts) == [ckpts / "checkpoint-1"]
     assert resolve_resume(compose_cfg("train.max_steps=3"), tmp_path) == ckpts / "checkpoint-1"

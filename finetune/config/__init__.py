@@ -19,11 +19,13 @@ from finetune.config.eval import EvalConfig, EvalGates
 from finetune.config.export import ExportConfig
 from finetune.config.generate import GenerateConfig
 from finetune.config.merge import MergeConfig
+from finetune.config.numbers import non_finite_problems
 from finetune.config.train import CUDA_OPTIMIZERS, TrainConfig
+from finetune.config.verify import VerifyConfig
 
 __all__ = [
     "FinetuneConfig", "ModelConfig", "QuantConfig", "PeftConfig", "DataConfig", "SourceConfig",
-    "TrainConfig", "EvalConfig", "EvalGates", "MergeConfig", "GenerateConfig", "ExportConfig", "register_configs", "to_typed", "validate",
+    "TrainConfig", "EvalConfig", "EvalGates", "MergeConfig", "GenerateConfig", "ExportConfig", "VerifyConfig", "register_configs", "to_typed", "validate",
 ]
 
 
@@ -41,6 +43,15 @@ class FinetuneConfig:
     merge: MergeConfig = field(default_factory=MergeConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
+
+
+def model_slug(name_or_path: str) -> str:
+    """A directory-safe run name from a model id: 'Qwen/Qwen2.5-3B-Instruct' -> 'qwen2.5-3b-instruct'."""
+    import re
+
+    last = str(name_or_path).rstrip("/").replace("embedded:", "").rsplit("/", 1)[-1]
+    return re.sub(r"[^a-z0-9._-]+", "-", last.lower()).strip("-.") or "run"
 
 
 def register_configs() -> None:
@@ -54,6 +65,8 @@ def register_configs() -> None:
     OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True, replace=True)
     # oc.select falls back only when a key is missing; `run` is always present (null by default).
     OmegaConf.register_new_resolver("run_or", lambda run, default: run or default, replace=True)
+    # ${model_slug:${model.name_or_path}} names a run after its model unless an experiment names it.
+    OmegaConf.register_new_resolver("model_slug", model_slug, replace=True)
     cs = ConfigStore.instance()
     # Group files merge into the typed nodes of this schema, so they are checked against it too.
     cs.store(name="finetune_schema", node=FinetuneConfig)
@@ -73,9 +86,13 @@ def to_typed(cfg: Any) -> FinetuneConfig:
 def cross_field_problems(cfg: FinetuneConfig) -> list[str]:
     """Problems that involve more than one group."""
     out = []
+    # The name becomes a folder under outputs/: name=../../.. used to put the run outside it.
+    if not cfg.name.strip() or "/" in cfg.name or "\\" in cfg.name or cfg.name.strip(".") == "":
+        out.append(f"name={cfg.name!r}: the experiment name becomes a folder under outputs/; use letters, digits, "
+                   "- _ . (no slashes, not . or ..)")
     if cfg.device not in ("auto", "cpu", "cuda"):
         out.append(f"device={cfg.device!r}: use auto, cpu or cuda")
-    # device=auto is resolved in the trainer's preflight (finetune.train.trainer.environment_problems), which reports
+    # device=auto is resolved in the trainer's preflight (finetune.train.sft.environment_problems), which reports
     # this together with the checks that need the model's config; an explicit device=cpu is refused here.
     if cfg.train.optim in CUDA_OPTIMIZERS and cfg.device == "cpu":
         out.append(f"train.optim={cfg.train.optim!r} needs CUDA (bitsandbytes optimizers), and device=cpu; "
@@ -102,18 +119,27 @@ def cross_field_problems(cfg: FinetuneConfig) -> list[str]:
             out.append(f"{key}=json_schema writes object keys in the schema's order, but "
                        f"data.structured.key_order={cfg.data.structured.key_order!r} trains another order; "
                        "use data.structured.key_order=schema")
-    if cfg.data.max_length > cfg.model.context_length:
-        out.append(f"data.max_length={cfg.data.max_length} exceeds model.context_length={cfg.model.context_length}")
-    if cfg.generate.max_new_tokens > cfg.model.context_length:
-        out.append(f"generate.max_new_tokens={cfg.generate.max_new_tokens} exceeds model.context_length")
+    ctx = cfg.model.context_length  # null: checked against the model's config.json in the preflight
+    if ctx is not None and cfg.data.max_length > ctx:
+        out.append(f"data.max_length={cfg.data.max_length} exceeds model.context_length={ctx}")
+    if ctx is not None and cfg.generate.max_new_tokens > ctx:
+        out.append(f"generate.max_new_tokens={cfg.generate.max_new_tokens} exceeds model.context_length={ctx}")
+    if ctx is not None and cfg.eval.max_new_tokens > ctx:
+        out.append(f"eval.max_new_tokens={cfg.eval.max_new_tokens} exceeds model.context_length={ctx}")
     return out
 
 
 def validate(cfg: FinetuneConfig) -> FinetuneConfig:
     """Check every group and every combination; raise one ConfigError that lists all problems."""
+    if cfg.merge.base == "auto":  # the merge that reproduces what was trained (issue 18: parity 100% vs 97-98%)
+        cfg.merge.base = "nf4_roundtrip" if cfg.quant.is_4bit else "original"
+    # First, and alone: the range checks below compare and convert numbers, and int(inf) raises OverflowError.
+    non_finite = non_finite_problems(cfg)
+    if non_finite:
+        raise ConfigError(non_finite)
     problems: list[str] = []
     for group in (cfg.model, cfg.quant, cfg.peft, cfg.data, cfg.train, cfg.eval, cfg.merge, cfg.generate,
-                  cfg.export):
+                  cfg.export, cfg.verify):
         problems.extend(group.problems())
     problems.extend(cross_field_problems(cfg))
     if problems:

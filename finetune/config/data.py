@@ -73,6 +73,9 @@ class DataConfig:
     num_proc: Optional[int] = field(default=None, metadata={
         "help": "Processes that render and tokenize rows; null = every core this process may use. Small "
                 "datasets (under 2,000 rows) always run in-process: starting workers costs more."})
+    allow_val_overlap: bool = field(default=False, metadata={
+        "help": "Keep train rows whose conversation is also in the val split (default: dropped and counted as "
+                "duplicate_of_val, so the model is never scored on what it trained on). true is for overfit checks."})
     structured: StructuredConfig = field(default_factory=StructuredConfig)
     cache: bool = field(default=True, metadata={
         "help": "Reuse preprocessed data from <FINETUNE_CACHE or ~/.cache/finetune>/data when inputs match."})

@@ -77,8 +77,9 @@ class EvalConfig:
         out = []
         if self.constrain not in ("none", "json_schema"):
             out.append(f"eval.constrain={self.constrain!r}: use none or json_schema")
-        if self.max_new_tokens <= 0:
-            out.append(f"eval.max_new_tokens={self.max_new_tokens}: must be positive")
+        # 8192 as generate.max_new_tokens (Qwen2.5's generation limit): 1e8 was accepted and then ran for hours.
+        if not 0 < self.max_new_tokens <= 8192:
+            out.append(f"eval.max_new_tokens={self.max_new_tokens}: must be in 1..8192")
         for name in ("batch_size", "loss_tokens_per_batch"):
             if getattr(self, name) <= 0:
                 out.append(f"eval.{name}={getattr(self, name)}: must be positive")

@@ -16,7 +16,8 @@ class GenerateConfig:
     model: Optional[str] = field(default=None, metadata={
         "help": "A merged model folder to use instead of <run>/merged (no run= needed)."})
     dtype: str = field(default="auto", metadata={
-        "help": "Weights of the merged model while generating: auto = as merge.dtype (fp32 on CPU, bf16 on CUDA). "
+        "help": "Compute dtype of the merged model while generating: auto = quant.compute_dtype (bf16 on CUDA; on a CPU "
+                "what its features and a measurement choose, finetune/models/cpu.py). "
                 "bfloat16 decoded 2x faster than fp32 on this project's AVX512-BF16 CPU (benchmarks/generate.py)."})
     use_adapter: bool = field(default=False, metadata={
         "help": "Generate with the unmerged adapter on its base as trained (4-bit for QLoRA) instead."})

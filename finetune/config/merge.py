@@ -4,17 +4,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-MERGE_BASES = ("original", "nf4_roundtrip")
+MERGE_BASES = ("auto", "original", "nf4_roundtrip")
 MERGE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
 class MergeConfig:
     enabled: bool = field(default=True, metadata={"help": "Merge at the end of `finetune train`."})
-    base: str = field(default="original", metadata={
-        "help": "original: the base weights as published (16-bit, fp32 on CPU) + adapter. nf4_roundtrip: the "
-                "4-bit-quantized-then-dequantized weights the QLoRA adapter was trained against + adapter."})
-    dtype: str = field(default="auto", metadata={"help": "Merged weights: auto = bfloat16 on CUDA, float32 on CPU."})
+    base: str = field(default="auto", metadata={
+        "help": "auto (default): nf4_roundtrip after 4-bit training, else original. original: the base weights as "
+                "published + adapter. nf4_roundtrip: the 4-bit-quantized-then-dequantized weights the QLoRA "
+                "adapter was trained against + adapter (on SmolLM2-135M, original gave 97-98% greedy agreement "
+                "with the adapter and lower held-out schema validity, 0.83 vs 0.95; the round trip 100%)."})
+    dtype: str = field(default="auto", metadata={
+        "help": "Merged weights on disk: auto = the base checkpoint's own dtype (config.json), or float32 | "
+                "bfloat16 | float16. Parity and evaluation compute in quant.compute_dtype, base and tuned alike."})
     adapter: Optional[str] = field(default=None, metadata={
         "help": "Adapter folder to merge; default <run>/adapter. Without run=, the base is the model group."})
     output: Optional[str] = field(default=None, metadata={
@@ -26,13 +30,16 @@ class MergeConfig:
     parity_max_new_tokens: int = field(default=32, metadata={"help": "Greedy tokens generated per parity prompt."})
     parity_threshold: float = field(default=0.99, metadata={
         "help": "Warn (log and parity.json) when greedy-token agreement falls below this."})
+    parity_fail: bool = field(default=True, metadata={
+        "help": "A parity below merge.parity_threshold makes `finetune train` / `finetune merge` exit 2 (after "
+                "writing everything); false only warns (log, parity.json, run summary)."})
     prompts: Optional[str] = field(default=None, metadata={
         "help": "jsonl of {messages} or {prompt} rows for the parity check; default the run's val split."})
 
     def problems(self) -> list[str]:
         out = []
         if self.base not in MERGE_BASES:
-            out.append(f"merge.base={self.base!r}: use original or nf4_roundtrip")
+            out.append(f"merge.base={self.base!r}: use auto, original or nf4_roundtrip")
         if self.dtype not in MERGE_DTYPES:
             out.append(f"merge.dtype={self.dtype!r}: use one of {', '.join(MERGE_DTYPES)}")
         if not 0 <= self.parity_threshold <= 1:

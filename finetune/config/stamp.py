@@ -15,15 +15,12 @@ FORMAT = "%Y-%m-%d_%H-%M-%S"
 
 
 def _process_start_time(pid: int) -> float | None:
-    """Start time of `pid` in seconds since the epoch (Linux /proc), or None where unknown."""
+    """Start time of `pid` in seconds since the epoch (psutil: Linux, macOS, Windows), or None where unknown."""
+    import psutil
+
     try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        ticks = int(fields[19])  # field 22 of stat: start time in clock ticks after boot
-        with open("/proc/stat", encoding="ascii") as f:
-            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
+        return psutil.Process(pid).create_time()
+    except (psutil.Error, OSError):  # gone, or not ours to inspect
         return None
 
 

@@ -52,6 +52,12 @@ class TrainConfig:
         "help": "auto (continue from the last complete checkpoint of this run directory, if any) | never | "
                 "<checkpoint dir or run dir>"})
     plan_only: bool = field(default=False, metadata={"help": "Print the memory plan and exit."})
+    overwrite: bool = field(default=False, metadata={
+        "help": "With train.resume=never: delete the run already in this directory and start over (refused "
+                "otherwise)."})
+    allow_changes: bool = field(default=False, metadata={
+        "help": "Resume although training values differ from the checkpoint's (refused otherwise); config.yaml "
+                "then records what changed at which step."})
     global_batch_size: Optional[int] = field(default=None, metadata={
         "help": "Rows per optimizer step over all processes; sets gradient_accumulation_steps = global / (world "
                 "size x per_device_train_batch_size). null = use gradient_accumulation_steps as given."})

@@ -253,7 +253,7 @@ def _split(cfg: DataConfig, rows: list[_Row], counter: RowCounter) -> tuple[list
     for i, src in enumerate(cfg.sources):
         keep = []
         for r in per_source[i]:
-            if r.group in in_val:
+            if r.group in in_val and not cfg.allow_val_overlap:
                 counter.drop(i, "duplicate_of_val", r.example.origin, "the same conversation is in the val split",
                              bad=False)
             else:

@@ -176,6 +176,12 @@ def score_tool_call(generated: str, target: str, schema: str) -> dict[str, float
             "tool_args_f1": prf(tp, n_pred, n_gold)[2]}
 
 
+def is_json_target(target: str) -> bool:
+    """A reference reply that is a JSON object or array (a bare number or string stays free text)."""
+    text = target.strip()
+    return text[:1] in "{[" and bool(text) and isinstance(parse_json(text), (dict, list))
+
+
 def score_row(generated: str, target: str, task: str, schema: str = "") -> dict[str, float]:
     """Per-row metrics of one generation.
 
@@ -190,6 +196,8 @@ def score_row(generated: str, target: str, task: str, schema: str = "") -> dict[
         field_f1; otherwise chrf. Values are floats so they average directly.
     """
     row = {"exact_match": float(generated.strip() == target.strip())}
+    if task not in ("structured", "tool_call", "table") and is_json_target(target):
+        task = "structured"  # a JSON reply is scored as JSON whatever format the row came in (messages, alpaca)
     if task == "tool_call":
         row.update(score_tool_call(generated, target, schema))
         row["normalized_match"] = row["tool_call_match"]
@@ -241,7 +249,7 @@ def aggregate(rows: list[dict]) -> dict[str, float]:
     if text:
         out["chrf"] = chrf_corpus([r["generated"] for r in text], [r["target"] for r in text])
     out["rows"] = len(rows)
-    out["rows_structured"] = sum(r["task"] == "structured" for r in rows)
+    out["rows_structured"] = sum("json_valid" in r for r in rows)  # JSON targets, whatever format they came in
     out["rows_text"] = len(text)
     out["rows_tool_call"] = len(calls)
     return out

@@ -7,9 +7,9 @@ scored on the same rows with the same tokenizer and chat template, so only the a
 from __future__ import annotations
 
 import gc
+import dataclasses
 import json
 import logging
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -55,16 +55,12 @@ def target_loss(model: Any, rows: list[dict], tokens_per_batch: int = 4096) -> d
     import torch
     import torch.nn.functional as F
 
+    from finetune.distributed import progress
+
     device = next(model.parameters()).device
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
-    total, count, start = 0.0, 0, 0
+    total, count = 0.0, 0
     model.eval()
-    while start < len(order):
-        end = start + 1
-        while end < len(order) and (end - start + 1) * len(rows[order[end]]["input_ids"]) <= tokens_per_batch:
-            end += 1
-        batch = [rows[i] for i in order[start:end]]
-        start = end
+    for batch in progress(_token_batches(rows, tokens_per_batch), desc="target loss", unit="batch"):
         width = max(len(r["input_ids"]) for r in batch)
         ids = torch.zeros((len(batch), width), dtype=torch.long)
         attn = torch.zeros_like(ids)
@@ -90,6 +86,19 @@ def target_loss(model: Any, rows: list[dict], tokens_per_batch: int = 4096) -> d
     return {"target_loss": mean, "target_perplexity": float(torch.exp(torch.tensor(mean))), "target_tokens": count}
 
 
+def _token_batches(rows: list[dict], tokens_per_batch: int) -> list[list[dict]]:
+    """Length-sorted rows in batches of at most `tokens_per_batch` padded tokens (a longer row goes alone)."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
+    batches, start = [], 0
+    while start < len(order):
+        end = start + 1
+        while end < len(order) and (end - start + 1) * len(rows[order[end]]["input_ids"]) <= tokens_per_batch:
+            end += 1
+        batches.append([rows[i] for i in order[start:end]])
+        start = end
+    return batches
+
+
 def _constraint(cfg: FinetuneConfig, model: Any, tokenizer: Any, rows: list[dict]):
     """A logits_processor_factory for generate() when eval.constrain=json_schema, else None."""
     if cfg.eval.constrain != "json_schema":
@@ -106,9 +115,11 @@ def _generate(cfg: FinetuneConfig, model: Any, tokenizer: Any, rows: list[dict])
     from finetune.data import render_prompt
     from finetune.generate.generation import generate
 
-    prompts = [render_prompt(tokenizer, json.loads(r["messages"])[:-1]) for r in rows]
+    # Tool-call rows render their tool definitions into the prompt, as in training.
+    prompts = [render_prompt(tokenizer, json.loads(r["messages"])[:-1], json.loads(r["tools"]) if r.get("tools")
+                             else None) for r in rows]
     e = cfg.eval
-    kw: dict[str, Any] = dict(max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
+    kw: dict[str, Any] = dict(max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, desc="eval: generate")
     if e.do_sample:
         import torch
 
@@ -181,16 +192,6 @@ def _same_file(a: Path, b: Path) -> bool:
     return a.is_file() and b.is_file() and filecmp.cmp(a, b, shallow=False)
 
 
-def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """(step, folder) of every trainer checkpoint with an adapter, by step."""
-    found = []
-    for d in Path(run_dir, "checkpoints").glob("checkpoint-*"):
-        m = re.fullmatch(r"checkpoint-(\d+)", d.name)
-        if m and (d / "adapter_config.json").is_file():
-            found.append((int(m.group(1)), d))
-    return sorted(found)
-
-
 def _compare_base(cfg: FinetuneConfig, report: dict, preds: list[dict], val: Any, tokenizer: Any,
                   run_dir: Path) -> list[dict]:
     """Score the base without the adapter into report["base"] / ["delta"] (and each prediction's "base").
@@ -219,9 +220,11 @@ def _compare_base(cfg: FinetuneConfig, report: dict, preds: list[dict], val: Any
 def _checkpoint_history(cfg: FinetuneConfig, run_dir: Path, tuned: dict, val: Any, tokenizer: Any) -> list[dict]:
     """Metrics of every checkpoints/checkpoint-N adapter, merged in memory, by step."""
     from finetune.models.load import resolve_device
+    from finetune.train.checkpoint import ADAPTER_FILES, complete_checkpoints, step_of
 
     history = []
-    for step, ckpt in list_checkpoints(run_dir):
+    for ckpt in complete_checkpoints(run_dir / "checkpoints", ADAPTER_FILES):
+        step = step_of(ckpt)
         if _same_file(ckpt / "adapter_model.safetensors", run_dir / "adapter" / "adapter_model.safetensors"):
             history.append({"step": step, "metrics": tuned})  # the adapter merged/ was made from: scored already
             continue
@@ -242,11 +245,15 @@ def evaluate_run(cfg: FinetuneConfig, run_dir: Path, val=None) -> dict:
     from finetune.evaluation.report import write_report
     from finetune.generate.generation import load_merged
     from finetune.models.load import resolve_device, resolve_dtype
+    from finetune.models.provenance import checked_artifact
 
     run_dir = Path(run_dir)
     device = resolve_device(cfg.device)
     merged = Path(cfg.merge.output or run_dir / "merged")
-    model, tokenizer = load_merged(merged, device, resolve_dtype(cfg.merge.dtype, device))
+    provenance = checked_artifact(merged, run_dir)  # merged/ was made from this run's adapter and base
+    # The compute dtype of training, which the base comparison uses too (load_base_model): the two columns of
+    # the report differ in the adapter only, not in bf16 against fp32 arithmetic.
+    model, tokenizer = load_merged(merged, device, resolve_dtype(cfg.quant.compute_dtype, device))
     if val is None:
         from finetune.data import build_datasets
 
@@ -254,7 +261,8 @@ def evaluate_run(cfg: FinetuneConfig, run_dir: Path, val=None) -> dict:
     if val is None or len(val) == 0:
         raise FinetuneError("no validation rows to evaluate: add a data source with split: val, or set "
                             "data.val_fraction > 0")
-    report: dict[str, Any] = {"model": str(merged), "settings": _settings(cfg)}
+    report: dict[str, Any] = {"model": str(merged), "provenance": provenance, "settings": _settings(cfg),
+                              "eval_config": dataclasses.asdict(cfg.eval)}  # what the model card shows
     report["metrics"], preds = evaluate_model(model, tokenizer, val, cfg)
     if cfg.eval.tasks:
         from finetune.evaluation.harness import run_benchmarks
@@ -282,5 +290,9 @@ def evaluate_run(cfg: FinetuneConfig, run_dir: Path, val=None) -> dict:
 def _settings(cfg: FinetuneConfig) -> dict:
     e = cfg.eval
     decoding = f"sampled (temperature {e.temperature}, top_p {e.top_p}, seed {e.seed})" if e.do_sample else "greedy"
+    from finetune.models.load import resolve_device, resolve_dtype
+
+    dtype = str(resolve_dtype(cfg.quant.compute_dtype, resolve_device(cfg.device))).removeprefix("torch.")
     return {"decoding": decoding, "max_new_tokens": e.max_new_tokens, "batch_size": e.batch_size,
-            "constrain": e.constrain, "max_samples": e.max_samples, "compare_base": e.compare_base}
+            "constrain": e.constrain, "max_samples": e.max_samples, "compare_base": e.compare_base,
+            "compute_dtype": dtype}

@@ -7,6 +7,9 @@ end. Here the pre-tokenizer is recognised by its definition (the split regex in 
 file is written with the package's GGUFWriter, tensor-name map, SpecialVocab (merges, special ids) and
 Python quantizers, following the converter's conventions (noted where they apply).
 
+Architectures: Qwen2 (qwen2 graph, NeoX rotary: tensors as stored) and Llama (llama graph, e.g. SmolLM2: q/k rows
+permuted to llama.cpp's adjacent rotary pairs, see `rope_pairs`); tied embeddings write no output tensor.
+
 `plan_gguf` reads only config.json, the tokenizer and the safetensors headers and raises a FinetuneError
 for anything this exporter cannot write faithfully (architecture, rope scaling, sliding window, tokenizer,
 missing or extra tensors). `write_gguf` then holds one tensor at a time: the largest of Qwen2.5-3B, the
@@ -24,42 +27,71 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from finetune.distributed import progress
 from finetune.errors import FinetuneError
 from finetune.merge.shards import weight_files
 
 log = logging.getLogger("finetune.export.run")
 
-# Split regex of Qwen2's tokenizer.json -> llama.cpp's pre-tokenizer name (llama-vocab.cpp keeps the same
-# regex, rewritten without the (?i:) group, for "qwen2").
+# How tokenizer.json splits text before BPE, as a tuple of stages -> llama.cpp's pre-tokenizer name (the
+# `tokenizer.ggml.pre` values llama-vocab.cpp maps to the same split; llama.cpp 0.3.36's vendored source).
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+               r"\s+(?!\S)|\s+")
+GPT2_SPLIT = "ByteLevel(use_regex=true)"  # the GPT-2 regex built into the ByteLevel pre-tokenizer
+DIGITS_SPLIT = "Digits(individual_digits=true)"
 PRE_TOKENIZERS = {
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
-        "qwen2",
+    (QWEN2_SPLIT,): "qwen2",  # llama.cpp keeps the same regex, rewritten without the (?i:) group
+    (GPT2_SPLIT,): "gpt-2",  # GPT-2's regex alone (the SmolLM2 folder converted from its GGUF by transformers)
+    # Each digit apart, then GPT-2's regex: SmolLM's tokenizer.json (llama.cpp also uses it for starcoder & co.)
+    (DIGITS_SPLIT, GPT2_SPLIT): "smollm",
 }
 
 
 @dataclass(frozen=True)
 class ArchSpec:
     gguf_arch: str  # gguf.MODEL_ARCH member name
-    block_tensors: tuple[str, ...]  # GGUF names per block, without the "blk.N." prefix
+    block_tensors: Any  # config -> GGUF names per block, without the "blk.N." prefix
     check: Any  # config -> list of problems this exporter cannot write
+    # llama.cpp's llama graph rotates pairs of adjacent values (Meta's layout); HF Llama checkpoints are stored
+    # for rotate_half (pairs i, i + head_dim/2), so q/k rows are permuted back, as convert_hf_to_gguf.py does.
+    # Qwen2's graph uses the NeoX rotation, HF's own: no permutation.
+    rope_pairs: bool = False
+
+
+def _rope_problems(config) -> list[str]:
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        return [f"rope scaling {rope.get('rope_type')!r} is not written by this exporter (only plain RoPE)"]
+    return []
 
 
 def _qwen2_problems(config) -> list[str]:
-    out = []
-    rope = getattr(config, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") != "default":
-        out.append(f"rope scaling {rope.get('rope_type')!r} is not written by this exporter (only plain RoPE)")
+    out = _rope_problems(config)
     if getattr(config, "use_sliding_window", False):
         out.append("use_sliding_window=true: llama.cpp's qwen2 graph has no sliding-window attention")
     return out
 
 
+def _qwen2_blocks(config) -> tuple[str, ...]:
+    return ("attn_norm.weight", "attn_q.weight", "attn_q.bias", "attn_k.weight", "attn_k.bias", "attn_v.weight",
+            "attn_v.bias", "attn_output.weight", "ffn_norm.weight", "ffn_gate.weight", "ffn_up.weight",
+            "ffn_down.weight")
+
+
+def _llama_blocks(config) -> tuple[str, ...]:
+    # llama.cpp's llama graph takes q/k/v/o and gate/up/down biases when present (TENSOR_NOT_REQUIRED)
+    attn = ("attn_q", "attn_k", "attn_v", "attn_output")
+    ffn = ("ffn_gate", "ffn_up", "ffn_down")
+    names = ["attn_norm.weight", "ffn_norm.weight", *(f"{t}.weight" for t in attn + ffn)]
+    names += [f"{t}.bias" for t in attn] if getattr(config, "attention_bias", False) else []
+    names += [f"{t}.bias" for t in ffn] if getattr(config, "mlp_bias", False) else []
+    return tuple(names)
+
+
 # The architectures whose conversion is tested end to end (llama.cpp greedy output == transformers').
 ARCHITECTURES = {
-    "Qwen2ForCausalLM": ArchSpec("QWEN2", (
-        "attn_norm.weight", "attn_q.weight", "attn_q.bias", "attn_k.weight", "attn_k.bias", "attn_v.weight",
-        "attn_v.bias", "attn_output.weight", "ffn_norm.weight", "ffn_gate.weight", "ffn_up.weight",
-        "ffn_down.weight"), _qwen2_problems),
+    "Qwen2ForCausalLM": ArchSpec("QWEN2", _qwen2_blocks, _qwen2_problems),
+    "LlamaForCausalLM": ArchSpec("LLAMA", _llama_blocks, _rope_problems, rope_pairs=True),
 }
 
 FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
@@ -74,6 +106,7 @@ class TensorPlan:
     shape: tuple[int, ...]
     qtype: Any  # gguf.GGMLQuantizationType
     nbytes: int
+    rope_heads: int = 0  # > 0: q/k rows permuted to adjacent rotary pairs over this many heads (ArchSpec.rope_pairs)
 
 
 @dataclass
@@ -138,14 +171,37 @@ def check_tokenizer(model_dir: Path):
     model, pre, dec = spec.get("model") or {}, spec.get("pre_tokenizer") or {}, spec.get("decoder") or {}
     where = f"{model_dir}/tokenizer.json"
     if model.get("type") != "BPE" or model.get("byte_fallback") or dec.get("type") != "ByteLevel":
-        raise FinetuneError(f"{where}: the GGUF export writes byte-level BPE tokenizers (GPT-2 style, as Qwen2's); "
-                            f"this one is {model.get('type')!r} with decoder {dec.get('type')!r}; nothing was written")
-    steps = pre.get("pretokenizers", [pre])
-    regex = next((s.get("pattern", {}).get("Regex") for s in steps if s.get("type") == "Split"), None)
-    if regex not in PRE_TOKENIZERS or not any(s.get("type") == "ByteLevel" for s in steps):
-        raise FinetuneError(f"{where}: pre-tokenizer split regex {regex!r} has no llama.cpp equivalent known to this "
-                            "exporter (known: Qwen2's); llama.cpp would split text differently, so nothing was written")
-    return tok, PRE_TOKENIZERS[regex]
+        raise FinetuneError(f"{where}: the GGUF export writes byte-level BPE tokenizers (GPT-2 style, as Qwen2's and "
+                            f"SmolLM2's); this one is {model.get('type')!r} with decoder {dec.get('type')!r}; "
+                            "nothing was written")
+    stages, problem = _split_stages(pre)
+    name = PRE_TOKENIZERS.get(stages)
+    if problem or name is None:
+        raise FinetuneError(f"{where}: pre-tokenizer {problem or ' then '.join(stages) or 'none'!r} has no llama.cpp "
+                            f"equivalent known to this exporter (known: those of llama.cpp's "
+                            f"{', '.join(PRE_TOKENIZERS.values())}); llama.cpp would split text differently, so "
+                            "nothing was written")
+    return tok, name
+
+
+def _split_stages(pre: dict) -> tuple[tuple[str, ...], str]:
+    """The splitting steps of a tokenizer.json pre_tokenizer, in order, and what is wrong with it ('' if nothing)."""
+    stages, byte_level = [], False
+    for step in pre.get("pretokenizers", [pre]) if pre else []:
+        kind = step.get("type")
+        if kind == "Split" and "Regex" in (step.get("pattern") or {}) and step.get("behavior") in (None, "Isolated") \
+                and not step.get("invert"):
+            stages.append(step["pattern"]["Regex"])
+        elif kind == "Digits" and step.get("individual_digits"):
+            stages.append(DIGITS_SPLIT)
+        elif kind == "ByteLevel":
+            if step.get("add_prefix_space"):  # llama.cpp's BPE never adds a leading space
+                return (), "ByteLevel with add_prefix_space=true"
+            byte_level = True
+            stages += [GPT2_SPLIT] if step.get("use_regex", True) else []
+        else:
+            return (), f"step {kind!r} ({json.dumps(step)[:80]})"
+    return tuple(stages), "" if byte_level else "without a ByteLevel step"
 
 
 def _tensor_type(gguf, name: str, shape: tuple[int, ...], quant: str):
@@ -185,9 +241,10 @@ def plan_gguf(model_dir: Path, quant: str) -> GGUFPlan:
                 shape = tuple(f.get_slice(key).get_shape())
                 qtype = _tensor_type(gguf, new, shape, quant)
                 nbytes = int(math.prod(gguf.quant_shape_to_byte_shape(shape, qtype)))
-                plan.tensors.append(TensorPlan(key, file, new, shape, qtype, nbytes))
+                heads = _rope_heads(config, new) if spec.rope_pairs else 0
+                plan.tensors.append(TensorPlan(key, file, new, shape, qtype, nbytes, heads))
     expected = {"token_embd.weight", "output_norm.weight"} | ({"output.weight"} if not tied else set())
-    expected |= {f"blk.{i}.{t}" for i in range(config.num_hidden_layers) for t in spec.block_tensors}
+    expected |= {f"blk.{i}.{t}" for i in range(config.num_hidden_layers) for t in spec.block_tensors(config)}
     got = {t.name for t in plan.tensors}
     problems = [f"tensors with no GGUF name: {', '.join(unknown[:5])}"] if unknown else []
     if expected - got:
@@ -198,6 +255,22 @@ def plan_gguf(model_dir: Path, quant: str) -> GGUFPlan:
     if problems:
         raise FinetuneError(f"{model_dir}: cannot export to GGUF: {'; '.join(problems)}; nothing was written")
     return plan
+
+
+def _rope_heads(config, gguf_name: str) -> int:
+    """Heads whose rows a q/k tensor holds (key/value heads for k under GQA); 0 for every other tensor."""
+    if gguf_name.endswith((".attn_q.weight", ".attn_q.bias")):
+        return config.num_attention_heads
+    if gguf_name.endswith((".attn_k.weight", ".attn_k.bias")):
+        return config.num_key_value_heads
+    return 0
+
+
+def rope_pairs(data, n_head: int):
+    """Rows of a q/k projection, per head, from rotate_half order (x_i pairs with x_(i+d/2), HF) to adjacent
+    pairs (x_2i with x_2i+1, what llama.cpp's llama graph rotates). Works on weights (rows x in) and biases."""
+    rows = data.shape[0]
+    return data.reshape(n_head, 2, rows // n_head // 2, *data.shape[1:]).swapaxes(1, 2).reshape(data.shape)
 
 
 def _token_table(gguf, tokenizer, n_vocab: int) -> tuple[list[str], list[int]]:
@@ -237,6 +310,9 @@ def _write_metadata(gguf, writer, plan: GGUFPlan, name: str) -> None:
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_rope_freq_base(float((c.rope_parameters or {}).get("rope_theta", 10000.0)))
+    if plan.arch.rope_pairs:  # keys convert_hf_to_gguf.py writes for llama (llama.cpp derives both otherwise)
+        writer.add_rope_dimension_count(head_dim)
+        writer.add_vocab_size(next(t.shape[0] for t in plan.tensors if t.name == "token_embd.weight"))
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)
     writer.add_file_type(gguf.LlamaFileType[FILE_TYPES[plan.quant]])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -273,8 +349,10 @@ def write_gguf(plan: GGUFPlan, path: Path, name: str) -> dict:
         writer.write_ti_data_to_file()
         with contextlib.ExitStack() as stack:
             handles = {f: stack.enter_context(safe_open(str(f), framework="pt")) for f in {t.file for t in plan.tensors}}
-            for t in plan.tensors:
+            for t in progress(plan.tensors, desc=f"write GGUF {plan.quant}", unit="tensor"):
                 data = handles[t.file].get_tensor(t.source).float().numpy()
+                if t.rope_heads:
+                    data = rope_pairs(data, t.rope_heads)
                 writer.write_tensor_data(gguf.quants.quantize(data, t.qtype))
     finally:
         writer.close()

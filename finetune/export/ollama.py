@@ -9,6 +9,10 @@ exactly; otherwise the Modelfile carries no TEMPLATE and says why (a template wh
 more than the role and content of each message, e.g. tool calls or turn counters, cannot be expressed
 this way).
 
+A default system prompt (the turn Qwen2.5 and SmolLM2 insert when a chat has none) also becomes the Modelfile's
+SYSTEM: Ollama then sends it as the first message, which renders to the same text, `ollama show --system` shows it,
+and a system message of the user's replaces it, as in the Jinja template.
+
 Literal text goes into the Go template as quoted strings ({{ "..." }}), so the whitespace trimming of
 {{- ... }} never eats a newline that belongs to the template.
 """
@@ -35,6 +39,15 @@ class TemplateParts:
         for m in messages:
             out += self.prefix[m["role"]] + m["content"] + self.suffix[m["role"]]
         return out + (self.generation if add_generation_prompt else "")
+
+    @property
+    def default_system(self) -> Optional[str]:
+        """The system prompt the template inserts when a chat has none, if that start is exactly a system turn."""
+        before, after = self.prefix["system"], self.suffix["system"]
+        start = self.no_system_start
+        if len(start) > len(before) + len(after) and start.startswith(before) and start.endswith(after):
+            return start[len(before): len(start) - len(after)]
+        return None
 
 
 def _marker(i: int) -> str:
@@ -133,12 +146,17 @@ def write_modelfile(folder: Path, gguf_name: str, tokenizer, stops: list[int], g
     stop_texts = [tokenizer.convert_ids_to_tokens(i) for i in stops]
     lines = [f"# Ollama: ollama create {model_name} -f Modelfile   (run from this folder)",
              f"FROM ./{gguf_name}"]
+    system = parts.default_system if parts is not None else None
+    if system is not None and '"""' in system:  # cannot be quoted in a Modelfile; the TEMPLATE still has it
+        system = None
     if parts is not None:
         lines.append('TEMPLATE """' + go_template(parts) + '"""')
+        if system is not None:
+            lines.append('SYSTEM """' + system + '"""')
     else:
         lines.append(f"# No TEMPLATE: {reason}. Ollama falls back to its own detection from the chat template "
                      "stored in the GGUF file (tokenizer.chat_template).")
     lines += [f"PARAMETER stop {json.dumps(t, ensure_ascii=False)}" for t in stop_texts]
     lines += _sampling(generation_config)
     (Path(folder) / "Modelfile").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return {"template": parts is not None, "template_note": reason or None, "stop": stop_texts}
+    return {"template": parts is not None, "template_note": reason or None, "system": system, "stop": stop_texts}

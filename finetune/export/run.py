@@ -90,9 +90,11 @@ def export_gguf(cfg: FinetuneConfig, run_dir: Optional[Path] = None) -> Path:
     from finetune.export.verify import llama_cpp_available, verification_conversations, verify_gguf
     from finetune.generate.generation import stop_token_ids
     from finetune.files import publish_folder, write_json_atomic
+    from finetune.models.provenance import checked_artifact
 
     e = cfg.export
     model_dir, output = _paths(cfg, run_dir)
+    provenance = checked_artifact(model_dir, run_dir)  # the merged folder belongs to this run's adapter
     k_quant = e.quant in K_QUANTS
     if k_quant and not llama_cpp_available():
         raise FinetuneError(f"export.quant={e.quant} is made by llama.cpp's quantizer: pip install "
@@ -123,7 +125,7 @@ def export_gguf(cfg: FinetuneConfig, run_dir: Optional[Path] = None) -> Path:
             info = write_gguf(plan, tmp / gguf_name, name)
         info.update(file_summary(tmp / gguf_name), write_seconds=round(time.perf_counter() - started, 2))
         stops = stop_token_ids(plan.tokenizer, generation_config=gen_config)
-        report = {"gguf": gguf_name, "quant": e.quant, "source": str(model_dir), **info}
+        report = {"gguf": gguf_name, "quant": e.quant, "source": str(model_dir), "provenance": provenance, **info}
         if e.modelfile:
             report["modelfile"] = write_modelfile(tmp, gguf_name, plan.tokenizer, stops, gen_config, name)
         if convs:

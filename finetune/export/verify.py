@@ -15,7 +15,6 @@ reported (`ok: false` + warning), because coarse quantizations (q4_0) may legiti
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -47,7 +46,8 @@ def reference(model_dir: Path, tokenizer, prompts: list[list[int]], max_new_toke
     from finetune.generate.generation import generate
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    gens = [g.token_ids for g in generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens)]
+    gens = [g.token_ids for g in generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                          desc="verify: merged model")]
     return gens, [_logits(model, p + g) for p, g in zip(prompts, gens)]
 
 
@@ -151,6 +151,8 @@ def _compare(r, path, tokenizer, texts, prompts, ref, ref_logits, max_new_tokens
     """Per-prompt comparison rows; raises on a tokenizer or chat-template difference."""
     import numpy as np
 
+    from finetune.distributed import progress
+
     bad = [k for k, (t, p) in enumerate(zip(texts, prompts)) if r.tokenize(t) != p]
     if bad:
         raise FinetuneError(f"{path}: {r.name} tokenizes prompt {bad[0]} differently from transformers "
@@ -161,7 +163,9 @@ def _compare(r, path, tokenizer, texts, prompts, ref, ref_logits, max_new_tokens
         raise FinetuneError(f"{path}: {r.name} renders the chat template differently from transformers "
                             f"({r.render(PROBE)[:80]!r}... vs {want[:80]!r}...); the export was not published")
     rows = []
-    for p, want_ids, ref_l in zip(prompts, ref, ref_logits):
+    pairs = progress(zip(prompts, ref, ref_logits), desc=f"verify: {r.name} reads the GGUF", total=len(prompts),
+                     unit="prompt")
+    for p, want_ids, ref_l in pairs:
         got = r.greedy(p, max_new_tokens, stops)
         diff = float(np.abs(r.logits(p + want_ids)[len(p) - 1:] - ref_l[len(p) - 1:]).max())
         rows.append({"prompt_tokens": len(p), "reference_tokens": len(want_ids), "gguf_tokens": len(got),
@@ -217,17 +221,7 @@ def _generation_config(model_dir: Path) -> Any:
 
 def verification_conversations(export_cfg, data_cfg, tokenizer, run_dir: Optional[Path]) -> tuple[list, str]:
     """Up to export.verify_prompts conversations (last reply removed): export.prompts, else the run's val split."""
-    n = export_cfg.verify_prompts
-    if export_cfg.prompts:
-        from finetune.generate.generation import read_prompts
+    from finetune.generate.prompts import check_conversations
 
-        if not Path(export_cfg.prompts).is_file():
-            raise FinetuneError(f"export.prompts={export_cfg.prompts!r}: file not found")
-        return [r.messages for r in read_prompts(Path(export_cfg.prompts))][:n], export_cfg.prompts
-    if run_dir is None:
-        raise FinetuneError("export verification needs prompts: pass export.prompts=<jsonl> or run=<run dir>")
-    from finetune.data import build_datasets
-
-    splits = build_datasets(data_cfg, tokenizer)
-    rows, source = (splits.val, "val split") if len(splits.val) else (splits.train, "train split (no val rows)")
-    return [json.loads(rows[i]["messages"])[:-1] for i in range(min(n, len(rows)))], source
+    return check_conversations(export_cfg.prompts, "export.prompts", data_cfg, tokenizer, export_cfg.verify_prompts,
+                               have_data=run_dir is not None)

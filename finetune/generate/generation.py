@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from finetune.errors import DataError, FinetuneError
+from finetune.generate.prompts import PromptRow, held_out_prompts, read_prompts
 
 log = logging.getLogger("finetune.generate.generation")
 
@@ -71,15 +72,19 @@ def generate(
     top_k: int = 50,
     logits_processor_factory: Optional[Callable[[list[int]], Any]] = None,
     streamer=None,
+    desc: str = "generate",
 ) -> list[Generation]:
     """Generate a reply for each tokenized prompt; results come back in input order.
 
     Prompts are sorted by length so each batch pads little, and left-padded so every row's next token
     sits in the last column. `logits_processor_factory(indices)` returns the processors for the prompts
     `indices` of one batch (schema-constrained decoding uses that). `streamer` (a transformers
-    TextStreamer) prints tokens as they come; it needs batch_size=1.
+    TextStreamer) prints tokens as they come; it needs batch_size=1. `desc` names the progress bar (one
+    step per batch; none for a single batch, nor with a streamer, whose tokens are the progress).
     """
     import torch
+
+    from finetune.distributed import progress
 
     if not prompts:
         return []
@@ -89,7 +94,8 @@ def generate(
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[Optional[Generation]] = [None] * len(prompts)
     model.eval()
-    for start in range(0, len(order), batch_size):
+    starts = range(0, len(order), batch_size)
+    for start in starts if streamer is not None or len(starts) == 1 else progress(starts, desc=desc, unit="batch"):
         idx = order[start:start + batch_size]
         width = max(len(prompts[i]) for i in idx)
         ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
@@ -126,68 +132,6 @@ def load_merged(path: Path, device: str, dtype):
         raise FinetuneError(f"{path}: no merged model here (config.json missing); run `finetune merge run=...` first")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device)
     return model, AutoTokenizer.from_pretrained(path)
-
-
-@dataclass
-class PromptRow:
-    messages: list[dict]
-    schema: Optional[dict] = None  # JSON schema for constrain=json_schema
-    extra: dict = field(default_factory=dict)  # other fields of the input row (ids, ...), copied to the output
-    origin: str = ""  # file:line
-
-
-def _parse_row(row: Any, where: str) -> PromptRow:
-    if not isinstance(row, dict):
-        raise DataError(f"{where}: expected a JSON object with 'messages' (list) or 'prompt' (string)")
-    if isinstance(row.get("prompt"), str):
-        messages = [{"role": "user", "content": row["prompt"]}]
-    elif isinstance(row.get("messages"), list) and row["messages"]:
-        messages = row["messages"]
-        for k, msg in enumerate(messages):
-            if not (isinstance(msg, dict) and isinstance(msg.get("role"), str) and isinstance(msg.get("content"), str)):
-                raise DataError(f"{where}: messages[{k}] must be an object with string 'role' and 'content'")
-    else:
-        raise DataError(f"{where}: expected 'messages' (a non-empty list) or 'prompt' (a string)")
-    schema = row.get("schema")
-    if isinstance(schema, str) and schema.strip():
-        try:
-            schema = json.loads(schema)
-        except ValueError as e:
-            raise DataError(f"{where}: 'schema' is a string but not JSON ({e.msg})") from None
-    if schema is not None and not isinstance(schema, dict):
-        schema = None if schema == "" else schema
-        if schema is not None:
-            raise DataError(f"{where}: 'schema' must be a JSON Schema object")
-    extra = {k: v for k, v in row.items() if k not in ("messages", "prompt", "schema")}
-    return PromptRow(messages, schema, extra, where)
-
-
-def read_prompts(path: Path) -> list[PromptRow]:
-    """Rows of a jsonl file of {"messages": [...]} or {"prompt": "..."} (optional "schema", other fields kept).
-
-    Raises:
-        DataError listing every bad line (file:line and what is wrong), so one run fixes them all.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"generate.prompts={str(path)!r}: file not found")
-    rows, bad = [], []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(_parse_row(json.loads(line), f"{path}:{n}"))
-        except ValueError as e:  # DataError is not a ValueError; this is JSON
-            bad.append(f"{path}:{n}: not valid JSON ({getattr(e, 'msg', e)})")
-        except DataError as e:
-            bad.append(str(e))
-    if bad:
-        more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
-        raise DataError(f"{len(bad)} bad line(s) in the prompts file; fix or remove them:\n  "
-                        + "\n  ".join(bad[:10]) + more)
-    if not rows:
-        raise DataError(f"{path}: no prompts (the file is empty)")
-    return rows
 
 
 def schema_processor_factory(tokenizer, schemas: Sequence[dict], vocab_size: int) -> Callable[[list[int]], Any]:
@@ -237,18 +181,18 @@ def load_generation_model(cfg, run_dir: Optional[Path], device: str):
     if not (g.model or cfg.merge.output or run_dir):
         raise FinetuneError("nothing to generate with: add run=<run dir> or generate.model=<merged model folder>")
     path = Path(g.model or cfg.merge.output or Path(run_dir) / "merged")
-    return load_merged(path, device, resolve_dtype(cfg.merge.dtype if g.dtype == "auto" else g.dtype, device))
+    if not g.model:
+        from finetune.models.provenance import checked_artifact
+
+        checked_artifact(path, run_dir)  # <run>/merged was made from this run's adapter
+    return load_merged(path, device, resolve_dtype(cfg.quant.compute_dtype if g.dtype == "auto" else g.dtype, device))
 
 
 def _prompt_rows(cfg, tokenizer, run_dir: Optional[Path], rows: Optional[list[PromptRow]]) -> list[PromptRow]:
     """The prompts file's rows (already read), or the run's val split; plus generate.system / generate.schema."""
     g = cfg.generate
     if rows is None and run_dir is not None:
-        from finetune.data import build_datasets
-
-        val = build_datasets(cfg.data, tokenizer).val
-        rows = [PromptRow(json.loads(r["messages"])[:-1], json.loads(r["schema"]) if r["schema"] else None,
-                          {"origin": r["origin"], "target": r["target"]}, r["origin"]) for r in val]
+        rows, _ = held_out_prompts(cfg.data, tokenizer)
         if not rows:
             raise FinetuneError(f"run={run_dir} has no validation rows; pass generate.prompts=<jsonl file>")
     elif rows is None:
@@ -297,6 +241,13 @@ def chat(model, tokenizer, cfg, *, read: Callable[[str], str] = input, write: Ca
     return history
 
 
+def _check_schemas(rows) -> None:
+    missing = [r.origin for r in rows if r.schema is None]
+    if missing:
+        raise DataError(f"generate.constrain=json_schema: {len(missing)} prompt(s) have no 'schema' (first: "
+                        f"{missing[0]}); give each row a schema, or a default with generate.schema=<file.json>")
+
+
 def generate_run(cfg, run_dir: Optional[Path] = None) -> Optional[Path]:
     """`finetune generate`: prompts (file or val split) -> jsonl of generations; or an interactive chat.
 
@@ -310,7 +261,12 @@ def generate_run(cfg, run_dir: Optional[Path] = None) -> Optional[Path]:
 
     g = cfg.generate
     run_dir = Path(run_dir) if run_dir else None
+    if g.output and (Path(g.output).is_dir() or not Path(g.output).parent.is_dir() and Path(g.output).parent.exists()):
+        raise FinetuneError(f"generate.output={g.output}: is a directory (or inside a file); give a file path such as "
+                            f"{Path(g.output) / 'generations.jsonl'}")  # checked before any generation work
     rows = read_prompts(Path(g.prompts)) if g.prompts and not g.interactive else None  # bad lines before a slow load
+    if rows is not None and g.constrain == "json_schema" and not g.schema:
+        _check_schemas(rows)  # before the model loads, not after
     model, tokenizer = load_generation_model(cfg, run_dir, resolve_device(cfg.device))
     set_seed(g.seed)  # sampling is reproducible; greedy does not depend on it
     if g.interactive:
@@ -319,10 +275,7 @@ def generate_run(cfg, run_dir: Optional[Path] = None) -> Optional[Path]:
     rows = _prompt_rows(cfg, tokenizer, run_dir, rows)
     factory = None
     if g.constrain == "json_schema":
-        missing = [r.origin for r in rows if r.schema is None]
-        if missing:
-            raise DataError(f"generate.constrain=json_schema: {len(missing)} prompt(s) have no 'schema' (first: "
-                            f"{missing[0]}); give each row a schema, or a default with generate.schema=<file.json>")
+        _check_schemas(rows)
         factory = schema_processor_factory(tokenizer, [r.schema for r in rows], model.config.vocab_size)
     gens = generate(model, tokenizer, [render_prompt(tokenizer, r.messages) for r in rows],
                     max_new_tokens=g.max_new_tokens, batch_size=g.batch_size, do_sample=g.do_sample,

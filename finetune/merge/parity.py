@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import gc
-import json
 import logging
 from pathlib import Path
 
@@ -13,17 +12,12 @@ log = logging.getLogger("finetune.merge.stream")
 
 
 def _parity_prompts(cfg: FinetuneConfig, tokenizer) -> tuple[list[list[int]], str]:
-    """Prompt ids of up to merge.parity_prompts held-out conversations (last reply removed)."""
-    from finetune.data import build_datasets, render_prompt
-    from finetune.generate.generation import read_prompts
+    """Prompt ids of up to merge.parity_prompts conversations (merge.prompts, else held-out rows)."""
+    from finetune.data import render_prompt
+    from finetune.generate.prompts import check_conversations
 
-    n = cfg.merge.parity_prompts
-    if cfg.merge.prompts:
-        convs, source = [r.messages for r in read_prompts(Path(cfg.merge.prompts))][:n], cfg.merge.prompts
-    else:
-        splits = build_datasets(cfg.data, tokenizer)
-        rows, source = (splits.val, "val split") if len(splits.val) else (splits.train, "train split (no val rows)")
-        convs = [json.loads(rows[i]["messages"])[:-1] for i in range(min(n, len(rows)))]
+    convs, source = check_conversations(cfg.merge.prompts, "merge.prompts", cfg.data, tokenizer,
+                                        cfg.merge.parity_prompts)
     return [render_prompt(tokenizer, c) for c in convs], source
 
 
@@ -52,13 +46,16 @@ def parity_report(cfg: FinetuneConfig, adapter_dir: Path, merged_dir: Path, toke
         return {"parity": "skipped (merge.parity_prompts=0)"}
     prompts, source = _parity_prompts(cfg, tokenizer)
     ref = load_adapter_model(cfg, adapter_dir, device, quantize=True)  # quantize=True: as the run's quant group says
-    ref_gens = generate(ref, tokenizer, prompts, max_new_tokens=m.parity_max_new_tokens)
+    ref_gens = generate(ref, tokenizer, prompts, max_new_tokens=m.parity_max_new_tokens,
+                        desc="parity: adapter model")
     seqs = [p + g.token_ids for p, g in zip(prompts, ref_gens)]
     ref_logits = [_continuation_logits(ref, p, s) for p, s in zip(prompts, seqs)]
     del ref
     gc.collect()
-    merged, _ = load_merged(merged_dir, device, resolve_dtype(m.dtype, device))  # the files that ship
-    new_gens = generate(merged, tokenizer, prompts, max_new_tokens=m.parity_max_new_tokens)
+    # the files that ship, computing in the dtype the adapter reference computes in
+    merged, _ = load_merged(merged_dir, device, resolve_dtype(cfg.quant.compute_dtype, device))
+    new_gens = generate(merged, tokenizer, prompts, max_new_tokens=m.parity_max_new_tokens,
+                        desc="parity: merged model")
     rows, same, total, worst, scale = [], 0, 0, 0.0, 0.0
     for p, s, ref_l, a, b in zip(prompts, seqs, ref_logits, ref_gens, new_gens):
         new_l = _continuation_logits(merged, p, s)
@@ -83,4 +80,18 @@ def parity_report(cfg: FinetuneConfig, adapter_dir: Path, merged_dir: Path, toke
         log.warning("PARITY WARNING: %s", out["warning"])
     log.info("parity: agreement %.4f, max |logit diff| %.3g, identical outputs %d/%d", agreement, worst,
              out["identical_greedy_outputs"], len(prompts))
+    return out
+
+
+def parity_summary(merged_dir) -> dict:
+    """The fields of <merged>/parity.json a run summary carries: ok, agreement, identical outputs, warning."""
+    import json
+    from pathlib import Path
+
+    report = json.loads((Path(merged_dir) / "parity.json").read_text(encoding="utf-8"))
+    keys = ("ok", "greedy_token_agreement", "identical_greedy_outputs", "prompts", "max_abs_logit_diff", "warning")
+    out = {k: report.get(k) for k in keys}
+    out["base"] = report.get("merge", {}).get("base")
+    if out["ok"] is None:  # merge.parity_prompts=0: nothing was compared, nothing failed
+        out["ok"] = True
     return out

@@ -16,24 +16,27 @@ its config says tie_word_embeddings=false; otherwise it stays tied.
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import logging
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from finetune.errors import FinetuneError
 from finetune.merge.model_card import read_json, write_model_card
 from finetune.merge.parity import parity_report
-from finetune.merge.shards import ST_DTYPES, ShardWriter, weight_files
-from finetune.models.adapter import adapter_mismatch, check_adapter_dir
+from finetune.merge.on_meta import AdapterOnMeta, plan_layout
+from finetune.merge.shards import ShardWriter, weight_files
+from finetune.models.adapter import check_adapter_dir
 from finetune.models.load import load_base_model, model_path, resolve_device, resolve_dtype
+from finetune.models.provenance import PROVENANCE, artifact_provenance, check_adapter_base, check_finite_weights
 from finetune.config import FinetuneConfig, ModelConfig
 
 log = logging.getLogger("finetune.merge.stream")
+
 
 def base_checkpoint_dir(model_cfg: ModelConfig) -> Path:
     """Local folder with the base model's config.json and safetensors shards (Hub ids via the HF cache)."""
@@ -48,123 +51,6 @@ def base_checkpoint_dir(model_cfg: ModelConfig) -> Path:
     except Exception as e:  # offline, unknown repo, gated: all end here
         raise FinetuneError(f"model.name_or_path={model_cfg.name_or_path!r}: base weights not found locally or "
                             f"on the Hub ({str(e).splitlines()[0]}); pass a local folder") from None
-
-
-class _AdapterOnMeta:
-    """The base architecture on the meta device with the adapter attached; only adapter tensors are real."""
-
-    def __init__(self, base_dir: Path, adapter_dir: Path, base_name: str):
-        import torch
-        from peft import PeftConfig, PeftModel
-        from peft.utils import load_peft_weights, set_peft_model_state_dict
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base_dir))
-        self.params = {n: [k for k, p in m._parameters.items() if p is not None]
-                       for n, m in skeleton.named_modules() if any(p is not None for p in m._parameters.values())}
-        names = {id(m): n for n, m in skeleton.named_modules()}
-        inp, out = skeleton.get_input_embeddings(), skeleton.get_output_embeddings()
-        self.tied = out is not None and out.weight is inp.weight
-        self.embed, self.head = names[id(inp)], names.get(id(out))
-        base_ids = {id(p) for p in skeleton.parameters()}
-        try:
-            self.model = PeftModel(skeleton, PeftConfig.from_pretrained(str(adapter_dir)))
-        except (ValueError, KeyError) as e:
-            raise adapter_mismatch(adapter_dir, base_name, e) from None
-        # peft puts adapter tensors on the base layer's device, which is meta here, so they would never load:
-        # give them real fp32 storage (merge arithmetic in fp32 whatever the output dtype) before loading.
-        made = []
-        for mod_name, mod in self.model.named_modules():
-            for k, p in list(mod._parameters.items()):
-                if p is not None and p.is_meta and id(p) not in base_ids:
-                    mod._parameters[k] = torch.nn.Parameter(torch.empty(p.shape), requires_grad=False)
-                    made.append(f"{mod_name}.{k}")
-        state = load_peft_weights(str(adapter_dir), device="cpu")
-        try:
-            with warnings.catch_warnings():  # base tensors saved in the adapter land in self.overrides instead
-                warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")
-                result = set_peft_model_state_dict(self.model, state)
-        except RuntimeError as e:  # size mismatch
-            raise adapter_mismatch(adapter_dir, base_name, e) from None
-        if result.unexpected_keys:  # tensors for modules this architecture does not have
-            raise adapter_mismatch(adapter_dir, base_name, ValueError(
-                f"{len(result.unexpected_keys)} adapter tensors have no place in the base, e.g. "
-                f"{result.unexpected_keys[0]}"))
-        unloaded = sorted(set(made) & set(result.missing_keys))
-        if unloaded:
-            raise FinetuneError(f"{adapter_dir}: the adapter file lacks {len(unloaded)} tensors (e.g. {unloaded[0]}); "
-                                "it was not saved completely")
-        self.root = self.model.base_model.model
-        # Tensors of the base model stored in the adapter file (bias="all", saved embedding layers) replace the base's.
-        self.overrides = {}
-        for key, t in state.items():
-            base_key = key.removeprefix("base_model.model.").replace(".base_layer.", ".")
-            prefix = base_key.rpartition(".")[0]
-            if "lora_" in key or prefix not in self.params or self._kind(prefix) == "saved":
-                continue
-            self.overrides[base_key] = t.float()
-
-    def _kind(self, prefix: str) -> str:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-        from peft.utils import ModulesToSaveWrapper
-        from peft.utils.other import AuxiliaryTrainingWrapper
-
-        mod = self.root.get_submodule(prefix)
-        if isinstance(mod, ModulesToSaveWrapper):
-            return "saved"
-        if isinstance(mod, AuxiliaryTrainingWrapper):
-            raise FinetuneError(f"{prefix}: {type(mod).__name__} (e.g. trainable_token_indices) cannot be merged "
-                                "shard by shard; merge with peft's merge_and_unload() instead")
-        return "lora" if isinstance(mod, BaseTunerLayer) else "plain"
-
-    def finalize(self, prefix: str, tensors: dict) -> dict:
-        """The merged tensors of one module, given its base tensors."""
-        import torch
-
-        tensors = {k: self.overrides.get(f"{prefix}.{k}", t) for k, t in tensors.items()}
-        kind, mod = self._kind(prefix), self.root.get_submodule(prefix)
-        if kind == "saved":  # modules_to_save: the trained copy replaces the base module
-            return {k: p.detach() for k, p in mod.modules_to_save[mod.active_adapters[0]]._parameters.items()
-                    if p is not None}
-        if kind == "plain":
-            return tensors
-        base = mod.get_base_layer()
-        for k, t in tensors.items():
-            base._parameters[k] = torch.nn.Parameter(t.float(), requires_grad=False)
-        try:
-            mod.merge(safe_merge=True)  # peft's arithmetic; safe_merge raises on NaN/inf
-        except ValueError as e:
-            raise FinetuneError(f"merging the adapter into {prefix}: {e}") from None
-        merged = {k: base._parameters[k].data for k in tensors}
-        for k, t in tensors.items():  # drop the real tensor again: memory stays at one module
-            base._parameters[k] = torch.nn.Parameter(torch.empty(t.shape, device="meta"), requires_grad=False)
-        mod.merged_adapters.clear()
-        return merged
-
-
-def _plan(adapter: "_AdapterOnMeta", files: list[Path], dtype) -> tuple[list, list, bool]:
-    """(entries to read, output layout, untie) from the checkpoint headers; nothing is loaded yet."""
-    import torch
-    from safetensors import safe_open
-
-    entries, layout = [], []
-    for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                sl = f.get_slice(key)
-                src = getattr(torch, ST_DTYPES[sl.get_dtype()])
-                entries.append((key, path))
-                layout.append((key, sl.get_shape(), dtype if src.is_floating_point else src))
-    keys = {k for k, _ in entries}
-    head_key, embed_key = f"{adapter.head}.weight", f"{adapter.embed}.weight"
-    changed = {adapter._kind(adapter.head), adapter._kind(adapter.embed)} != {"plain"} if adapter.tied else False
-    # The adapter changes one side of a tied pair (or both, differently): store both, untie in config.json.
-    untie = changed and embed_key in keys
-    if untie and head_key not in keys:
-        at = next(i for i, (k, _, _) in enumerate(layout) if k == embed_key) + 1
-        layout.insert(at, (head_key, layout[at - 1][1], layout[at - 1][2]))
-    return entries, layout, untie
 
 
 def _return_freed_memory() -> None:
@@ -202,10 +88,12 @@ def merge_weights(base_dir: Path, adapter_dir: Path, out_dir: Path, *, dtype, ma
     """
     from safetensors import safe_open
 
-    adapter = _AdapterOnMeta(base_dir, adapter_dir, base_name or str(base_dir))
-    entries, layout, untie = _plan(adapter, weight_files(base_dir), dtype)
+    from finetune.distributed import progress
+
+    adapter = AdapterOnMeta(base_dir, adapter_dir, base_name or str(base_dir))
+    entries, layout, untie = plan_layout(adapter, weight_files(base_dir), dtype)
     keys = {k for k, _ in entries}
-    missing = [p for p in adapter.params if adapter._kind(p) != "plain" and not (p == adapter.head and adapter.tied)
+    missing = [p for p in adapter.params if adapter.kind(p) != "plain" and not (p == adapter.head and adapter.tied)
                and f"{p}.{adapter.params[p][0]}" not in keys]
     if missing:
         raise FinetuneError(f"{base_dir}: the adapter changes {missing[0]} but the checkpoint has no such tensor")
@@ -213,7 +101,7 @@ def merge_weights(base_dir: Path, adapter_dir: Path, out_dir: Path, *, dtype, ma
     pending: dict[str, dict] = {}
     merged = 0
     try:
-        for key, path in entries:
+        for key, path in progress(entries, desc="merge", unit="tensor"):
             # One open per tensor: a safe_open handle keeps the pages it read mapped (resident) until it
             # closes, which held 600 MB of a 1 GB checkpoint here.
             with safe_open(str(path), framework="pt") as f:
@@ -228,7 +116,7 @@ def merge_weights(base_dir: Path, adapter_dir: Path, out_dir: Path, *, dtype, ma
             base = pending.pop(prefix)
             if dequantized is not None and (w := dequantized(prefix)) is not None:
                 base["weight"] = w
-            merged += adapter._kind(prefix) != "plain"
+            merged += adapter.kind(prefix) != "plain"
             for k, t in adapter.finalize(prefix, dict(base)).items():
                 writer.add(f"{prefix}.{k}", t)
             if prefix == adapter.embed and untie and f"{adapter.head}.weight" not in keys:
@@ -302,20 +190,9 @@ def _write_configs(base_dir: Path, out: Path, tokenizer, dtype, untied: bool) ->
     gen.save_pretrained(out)
 
 
-def merge_adapter(cfg: FinetuneConfig, run_dir: Optional[Path] = None, *, output: Optional[Path] = None) -> Path:
-    """Merge an adapter into its base and write a self-contained model folder with merged/parity.json.
-
-    Args:
-        cfg: typed config; merge.base picks original or nf4_roundtrip weights, merge.adapter an explicit adapter.
-        run_dir: the training run (adapter/, config, data stats, eval report); None with merge.adapter.
-        output: overrides merge.output (default <run>/merged).
-    Returns:
-        The output folder. It appears only when complete (written under a temporary name, then renamed).
-    Raises:
-        FinetuneError: output exists without merge.overwrite, adapter missing or made for another base.
-    """
-    from finetune.files import publish_folder, write_json_atomic
-
+def _merge_paths(cfg: FinetuneConfig, run_dir: Optional[Path], output: Optional[Path]) -> tuple[Path, Path]:
+    """(adapter folder, output folder), checked before any weight is read: the output is free (or
+    merge.overwrite), the adapter belongs to the run and was trained with this quant group."""
     m = cfg.merge
     if m.adapter:
         adapter_dir = Path(m.adapter)
@@ -331,9 +208,43 @@ def merge_adapter(cfg: FinetuneConfig, run_dir: Optional[Path] = None, *, output
     if trained.get("quant") and trained["quant"] != cfg.quant.method:  # the parity reference must be as trained
         raise FinetuneError(f"{adapter_dir}/provenance.json: the adapter was trained with quant={trained['quant']} "
                             f"but the config says quant={cfg.quant.method}; pass quant={trained['quant']}")
+    return adapter_dir, output
+
+
+def checkpoint_dtype(base_dir: Path):
+    """The dtype a checkpoint's config.json declares (dtype / torch_dtype); float32 when it says nothing."""
+    import torch
+
+    try:
+        config = json.loads((Path(base_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return torch.float32
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(str(name).removeprefix("torch."), torch.float32)
+
+
+def merge_adapter(cfg: FinetuneConfig, run_dir: Optional[Path] = None, *, output: Optional[Path] = None) -> Path:
+    """Merge an adapter into its base and write a self-contained model folder with merged/parity.json.
+
+    Args:
+        cfg: typed config; merge.base picks original or nf4_roundtrip weights, merge.adapter an explicit adapter.
+        run_dir: the training run (adapter/, config, data stats, eval report); None with merge.adapter.
+        output: overrides merge.output (default <run>/merged).
+    Returns:
+        The output folder. It appears only when complete (written under a temporary name, then renamed).
+    Raises:
+        FinetuneError: output exists without merge.overwrite, adapter missing or made for another base.
+    """
+    from finetune.files import publish_folder, write_json_atomic
+
+    m = cfg.merge
+    adapter_dir, output = _merge_paths(cfg, run_dir, output)
+    check_adapter_base(adapter_dir, cfg.model)  # refuse a base the adapter was not trained on (provenance)
     device = resolve_device(cfg.device)
-    dtype = resolve_dtype(m.dtype, device)
     base_dir = base_checkpoint_dir(cfg.model)
+    # auto: the dtype the base checkpoint ships in (a 269 MB bf16 SmolLM2 stays 269 MB, not 538 MB of fp32);
+    # peft merges in fp32 either way and each tensor is cast once, when written.
+    dtype = checkpoint_dtype(base_dir) if m.dtype == "auto" else resolve_dtype(m.dtype, device)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:
@@ -349,16 +260,12 @@ def merge_adapter(cfg: FinetuneConfig, run_dir: Optional[Path] = None, *, output
                             "base_model": cfg.model.name_or_path, "revision": cfg.model.revision, **info}}
         report.update(parity_report(cfg, adapter_dir, tmp, tokenizer, device))
         write_json_atomic(tmp / "parity.json", report)
-        write_model_card(tmp, run_dir, config=_as_dict(cfg))
+        write_model_card(tmp, run_dir, config=dataclasses.asdict(cfg))
+        check_finite_weights(tmp, str(output))
+        write_json_atomic(tmp / PROVENANCE, artifact_provenance(cfg.model, adapter_dir, kind="merged"))
         publish_folder(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("merged %s into %s (%s) -> %s", adapter_dir, cfg.model.name_or_path, m.base, output)
     return output
-
-
-def _as_dict(cfg: FinetuneConfig) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(cfg)

@@ -46,6 +46,9 @@ def load_adapter_model(cfg: FinetuneConfig, adapter_dir: Path, device: str, *, q
     from peft import PeftModel
 
     check_adapter_dir(adapter_dir)
+    from finetune.models.provenance import check_adapter_base
+
+    check_adapter_base(adapter_dir, cfg.model)  # trained on this base (provenance), before the weights load
     base = load_base_model(cfg.model, cfg.quant, device, quantize=quantize)
     try:
         return PeftModel.from_pretrained(base, str(adapter_dir))

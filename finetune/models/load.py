@@ -23,16 +23,31 @@ def resolve_device(device: str) -> str:
 
 
 def resolve_dtype(name: str, device: str):
-    """'auto' -> bf16 on CUDA, fp32 on CPU (bf16 is 2-3x slower on CPUs without native bf16)."""
+    """'auto' -> bf16 on CUDA; on CPU bf16 only where the CPU has native bf16 and a measured bf16 matmul is
+    faster by a margin, else fp32 (finetune.models.cpu; FINETUNE_CPU_DTYPE=float32|bfloat16 overrides)."""
     import torch
 
     if name == "auto":
+        if device == "cpu":
+            from finetune.models.cpu import cpu_compute_dtype
+
+            return cpu_compute_dtype()
         return torch.bfloat16 if device == "cuda" else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 def model_path(cfg: ModelConfig) -> str:
-    """Folder or Hub id to load; the embedded tiny model is built (once) on demand."""
+    """Folder or Hub id to load; embedded models and `model.gguf_file` are built (once) on demand."""
+    if cfg.gguf_file:
+        from finetune.models.gguf import convert_gguf
+
+        if not Path(cfg.gguf_file).expanduser().is_file():
+            raise FinetuneError(f"model.gguf_file={cfg.gguf_file!r}: no such file; give the path of a local .gguf")
+        return str(convert_gguf(Path(cfg.gguf_file).expanduser()))
+    if cfg.name_or_path == "embedded:smollm2-135m-instruct":
+        from finetune.models.gguf import smollm2_model_dir
+
+        return str(smollm2_model_dir())
     if cfg.is_embedded:
         from finetune.models.tiny import tiny_model_dir
 
@@ -198,25 +213,30 @@ class _WidenedLinear:
 
 
 def load_architecture(cfg: ModelConfig) -> dict[str, Any]:
-    """Architecture numbers for the memory plan: `model.architecture`, else the model's config.json.
+    """Architecture numbers of the model being trained, for the memory plan and the preflight checks.
 
-    Only config.json is read (a few KB), never the weights, so the plan works for a Hub model that is not
-    downloaded; offline, the shipped model configs carry the numbers.
+    The model's own config.json comes first (a few KB; never the weights). `model.architecture` is used
+    when you set it yourself (architecture_of null), or when config.json cannot be read and the numbers
+    belong to this very model: a preset (model=qwen2_5_3b_instruct) carries its model card's numbers for
+    offline planning, tagged with architecture_of, and they never describe another model.
 
     Raises:
-        FinetuneError: neither source is available.
+        FinetuneError: no numbers for this model can be found.
     """
-    if cfg.architecture:
-        return dict(cfg.architecture)
+    own = cfg.architecture if cfg.architecture and cfg.architecture_of in (None, cfg.name_or_path) else None
+    if own and cfg.architecture_of is None:
+        return dict(own)  # numbers the user set: theirs to plan with
     from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(model_path(cfg), **_hub_kwargs(cfg))
     except (OSError, ValueError) as e:
+        if own:
+            return dict(own)
         raise FinetuneError(
-            f"model.name_or_path={cfg.name_or_path!r}: no model.architecture in the config and config.json cannot "
-            f"be read ({str(e).splitlines()[0]}); add the numbers (hidden_size, num_hidden_layers, ...) to "
-            "model.architecture"
+            f"model.name_or_path={cfg.name_or_path!r}: config.json cannot be read ({str(e).splitlines()[0]}) and "
+            "model.architecture has no numbers for this model; download the model, or set model.architecture "
+            "(hidden_size, num_hidden_layers, ...) and model.architecture_of=null"
         ) from None
     return config.get_text_config().to_dict()
 

@@ -19,14 +19,16 @@ from pathlib import Path
 from typing import Any, Callable
 
 from finetune.errors import FinetuneError
-from finetune.files import write_json_atomic, write_text_atomic
+from finetune.files import fsync_dir, publish_folder, write_json_atomic, write_text_atomic
 from finetune.config import FinetuneConfig
+from finetune.train.manifest import manifest_problem, newest_verified, write_manifest
 
 log = logging.getLogger("finetune.train.checkpoint")
 
 STAGING_PREFIX = ".tmp-"  # staging dirs: .tmp-checkpoint-N (hidden; `checkpoint-*` globs skip them)
 META_NAME = "finetune_checkpoint.json"
-REQUIRED_FILES = ("trainer_state.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # enough to score a checkpoint (eval)
+REQUIRED_FILES = ("trainer_state.json", *ADAPTER_FILES, "optimizer.pt", "scheduler.pt")  # to resume from it
 LORA_KEYS = ("r", "lora_alpha", "target_modules", "use_dora", "use_rslora", "modules_to_save", "bias")
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -63,13 +65,17 @@ def save_atomically(trainer, save: Callable[[Any, Any], None], model, trial, met
     args.output_dir = str(staging)  # every rank writes its shards / RNG state there, as it would into root
     try:
         save(model, trial)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # disk full or killed mid-save: the last good checkpoint stays
+        raise
     finally:
         args.output_dir = str(root)
     trainer.accelerator.wait_for_everyone()
     if args.should_save:
         write_json_atomic(staging / name / META_NAME, meta)
+        write_manifest(staging / name)  # last: a checkpoint verifies only when whole (finetune.train.manifest)
         _fsync_tree(staging / name)  # survive a power loss too, not only a killed process
-        publish_dir(staging / name, final)
+        publish_folder(staging / name, final)
         shutil.rmtree(staging, ignore_errors=True)  # trl's model card README is all that is left there
         if trainer.state.best_model_checkpoint and STAGING_PREFIX in trainer.state.best_model_checkpoint:
             trainer.state.best_model_checkpoint = str(final)
@@ -87,29 +93,7 @@ def _fsync_tree(path: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-    _fsync_dir(path)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # directories cannot be opened on some platforms (Windows); the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def publish_dir(staged: Path, final: Path) -> None:
-    """Rename `staged` to `final`. An existing `final` (the same step saved again) is moved aside first."""
-    old = final.with_name(f"{STAGING_PREFIX}old-{final.name}")
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(staged, final)
-    _fsync_dir(final.parent)
-    shutil.rmtree(old, ignore_errors=True)
+    fsync_dir(path)
 
 
 def step_of(checkpoint: Path) -> int:
@@ -117,19 +101,22 @@ def step_of(checkpoint: Path) -> int:
     return int(m.group(1)) if m else -1
 
 
-def missing_files(checkpoint: Path) -> list[str]:
-    return [f for f in REQUIRED_FILES if not (checkpoint / f).is_file()]
+def missing_files(checkpoint: Path, needs: tuple[str, ...] = REQUIRED_FILES) -> list[str]:
+    return [f for f in needs if not (checkpoint / f).is_file()]
 
 
-def complete_checkpoints(root: Path) -> list[Path]:
-    """Checkpoint directories under `root` with every file resume needs, oldest step first."""
+def complete_checkpoints(root: Path, needs: tuple[str, ...] = REQUIRED_FILES) -> list[Path]:
+    """Checkpoint directories under `root` with every file in `needs` (default: what resume needs; eval
+    passes ADAPTER_FILES, so a checkpoint whose optimizer state was deleted to save space still scores),
+    oldest step first."""
     if not root.is_dir():
         return []
     found = []
     for path in root.iterdir():
         if path.is_dir() and _CHECKPOINT.match(path.name):
-            if missing_files(path):  # e.g. written by a version that saved in place, then killed
-                log.warning("skipping incomplete checkpoint %s (missing %s)", path, ", ".join(missing_files(path)))
+            missing = missing_files(path, needs)
+            if missing:  # e.g. written by a version that saved in place, then killed
+                log.warning("skipping incomplete checkpoint %s (missing %s)", path, ", ".join(missing))
             else:
                 found.append(path)
     return sorted(found, key=step_of)
@@ -154,19 +141,22 @@ def find_resume_checkpoint(resume: str, run_dir: Path) -> Path | None:
     if resume == "never":
         return None
     if resume == "auto":
-        found = complete_checkpoints(Path(run_dir) / "checkpoints")
-        return found[-1] if found else None
+        return newest_verified(complete_checkpoints(Path(run_dir) / "checkpoints"))
     path = Path(resume).expanduser()
     if path.is_dir() and _CHECKPOINT.match(path.name):
         missing = missing_files(path)
         if missing:
             raise FinetuneError(f"train.resume={resume}: incomplete checkpoint (missing {', '.join(missing)}); "
                                 "point at an earlier checkpoint-N or use train.resume=never")
+        problem = manifest_problem(path)
+        if problem:
+            raise FinetuneError(f"train.resume={resume}: the checkpoint does not verify: {problem}; point at an "
+                                "earlier checkpoint-N, or use train.resume=auto to take the newest good one")
         return path
     for root in (path / "checkpoints", path):
-        found = complete_checkpoints(root)
+        found = newest_verified(complete_checkpoints(root))
         if found:
-            return found[-1]
+            return found
     raise FinetuneError(f"train.resume={resume}: no complete checkpoint-N there; give a checkpoint directory or a "
                         "run directory that has checkpoints/, or use train.resume=auto / never")
 
@@ -191,12 +181,9 @@ def check_compatible(checkpoint: Path, cfg: FinetuneConfig) -> None:
         raise FinetuneError(f"cannot resume from {checkpoint}: it was made with a different base model or LoRA "
                             f"shape:\n{lines}\nRun with the settings it was made with, or start over with "
                             "train.resume=never (or another hydra.run.dir)")
-    skip = ("resume", "plan_only")
-    changed = [f"train.{k}: {saved['train'].get(k)!r} -> {v!r}" for k, v in now["train"].items()
-               if k not in skip and saved.get("train", {}).get(k) != v]
-    if changed:
-        log.warning("resuming with changed settings (the result will differ from an uninterrupted run): %s",
-                    "; ".join(changed))
+    from finetune.train.guards import check_changed_values
+
+    check_changed_values(checkpoint, saved.get("train", {}), now["train"], cfg.train.allow_changes)
 
 
 def trim_metrics(path: Path, step: int) -> int:

@@ -128,3 +128,10 @@ def test_reasoning_with_a_template_that_cannot_render_it_is_refused_once(build, 
     with pytest.raises(DataError, match=r"cannot render reasoning \(`reasoning_content`\): 5 rows \(first "
                                         r".*data\.jsonl:1\)"):
         build({"path": write_jsonl(rows)})
+
+
+def test_allow_val_overlap_keeps_the_train_copy(build, write_jsonl, chat):
+    train = write_jsonl([chat(user="A"), chat(user="B"), chat(user="C")], "t.jsonl")
+    val = write_jsonl([chat(user="B")], "v.jsonl")
+    splits = build({"path": train}, {"path": val, "split": "val"}, allow_val_overlap=True)
+    assert len(splits.train) == 3 and "duplicate_of_val" not in splits.stats["sources"][0]["rows_dropped"]

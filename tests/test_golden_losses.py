@@ -1,0 +1,63 @@
+"""Golden first losses of the tiny model's demo training, as torchtune's recipe tests keep them: a silent change
+anywhere on the training path (data formatting, chat template, loss mask, packing, LoRA init, optimizer, LR
+schedule, the loss itself) moves these numbers.
+
+The run is `finetune train` minus the command line (compose -> validate -> finetune.pipeline.run_training), on
+CPU in fp32 (quant=none: bitsandbytes' CPU 4-bit kernels compute in bf16 and pick kernels by instruction set),
+seeded, 5 optimizer steps of the demo's structured rows, nothing merged or evaluated (about 15-40 s here).
+
+Refresh after an intended change (or after a torch / CPU change moved the fifth digit):
+
+    FINETUNE_GOLDEN_PRINT=1 .venv/bin/python -m pytest -q -s tests/test_golden_losses.py
+
+prints the measured values; paste them into GOLDEN_LOSSES / GOLDEN_TOKENS and say in the commit why they moved.
+The token counts are integers of the data path alone and must not move with the CPU or torch; the losses are
+floats of the whole forward/backward/update and may (recorded on an AMD EPYC with AVX512-BF16, torch 2.13.0 CPU,
+December 2026, from commit 647eb76's library; two runs and 1 vs 2 threads agreed bit for bit).
+"""
+import json
+import os
+
+import pytest
+
+STEPS = 5
+OVERRIDES = [
+    "quant=none", "quant.compute_dtype=float32", "device=cpu", f"train.max_steps={STEPS}", "train.seed=42",
+    "train.save_steps=1000",
+    "train.report_to=[]", "merge.enabled=false", "eval.enabled=false",
+    "data.cache=false",  # the data cache is keyed by a hand-bumped CODE_VERSION: a stale entry would hide a change
+    # pinned here, so that a change of the demo's default data mix is not mistaken for a training change
+    "data.sources=[{path:demo:structured_train.jsonl,format:structured,split:train},"
+    "{path:demo:structured_val.jsonl,format:structured,split:val}]",
+]
+# step -> training loss logged in metrics.jsonl
+GOLDEN_LOSSES = {1: 12.192187309265137, 2: 12.406684875488281, 3: 11.846874237060547, 4: 11.194746017456055,
+                 5: 10.009243965148926}
+# step -> (label tokens so far, all tokens so far): the loss mask and the rows each step consumed
+GOLDEN_TOKENS = {1: (212, 1423), 2: (423, 2840), 3: (635, 4264), 4: (847, 5692), 5: (1055, 7098)}
+
+
+def run_demo(run_dir):
+    from hydra import compose, initialize_config_dir
+
+    from finetune.config import register_configs, to_typed, validate
+    from finetune.paths import CONFIG_DIR
+    from finetune.pipeline import run_training
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        raw = compose(config_name="config", overrides=OVERRIDES)
+    run_training(validate(to_typed(raw)), run_dir)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "loss" in r]
+
+
+def test_first_losses_and_token_counts_match_the_recorded_run(tmp_path):
+    logged = run_demo(tmp_path)
+    losses = {r["step"]: r["loss"] for r in logged}
+    tokens = {r["step"]: (r["label_tokens"], int(r["num_tokens"])) for r in logged}
+    if os.environ.get("FINETUNE_GOLDEN_PRINT"):
+        print(f"\nGOLDEN_LOSSES = {losses!r}\nGOLDEN_TOKENS = {tokens!r}")
+    assert list(losses) == list(range(1, STEPS + 1))
+    assert tokens == GOLDEN_TOKENS
+    assert losses == pytest.approx(GOLDEN_LOSSES, rel=1e-4, abs=0)
