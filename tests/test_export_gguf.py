@@ -77,7 +77,8 @@ def make_run(root, tiny_dir):
     from omegaconf import OmegaConf
 
     root.mkdir(parents=True)
-    (root / "config.yaml").write_text(OmegaConf.to_yaml(compose_config(), resolve=True))
+    # name=demo: the run name the files are called after (the default is now the model's slug, "tiny")
+    (root / "config.yaml").write_text(OmegaConf.to_yaml(compose_config("name=demo"), resolve=True))
     memorized_model(tiny_dir, root / "merged")
     (root / "prompts.jsonl").write_text("".join(json.dumps({"messages": p}) + "\n" for p in PROMPTS))
     return root
@@ -195,13 +196,13 @@ def test_verification_defaults_to_the_runs_val_split(run, tmp_path):
 
 
 def test_unsupported_architecture_fails_before_writing(run, tmp_path):
-    merged = tmp_path / "llama"
+    merged = tmp_path / "gemma"
     shutil.copytree(run / "merged", merged)
     config = json.loads((merged / "config.json").read_text())
-    (merged / "config.json").write_text(json.dumps({**config, "architectures": ["LlamaForCausalLM"]}))
+    (merged / "config.json").write_text(json.dumps({**config, "architectures": ["GemmaForCausalLM"]}))
     out = tmp_path / "out"
-    with pytest.raises(FinetuneError, match=r"LlamaForCausalLM.*not supported.*supported: Qwen2ForCausalLM.*"
-                                            r"nothing was written.*convert_hf_to_gguf"):
+    with pytest.raises(FinetuneError, match=r"GemmaForCausalLM.*not supported.*supported: Qwen2ForCausalLM, "
+                                            r"LlamaForCausalLM.*nothing was written.*convert_hf_to_gguf"):
         export_gguf(export_cfg(run, f"export.model={merged}", f"export.output={out}"), run)
     assert not out.exists() and not list(tmp_path.glob(".out*"))
 

@@ -86,7 +86,7 @@ def test_llama_metadata_tokenizer_and_tied_head(run, f16):
     assert [types[i] for i in (0, 1, 2)] == [gguf.TokenType.CONTROL] * 3
     assert field(r, "tokenizer.chat_template") == tok.chat_template and DEFAULT_SYSTEM in tok.chat_template
     names = {t.name for t in r.tensors}
-    assert "output.weight" not in names and "blk.1.ffn_gate.weight" in names and len(names) == 3 + 2 * 9
+    assert "output.weight" not in names and "blk.1.ffn_gate.weight" in names and len(names) == 2 + 2 * 9
 
 
 def test_q_and_k_rows_are_stored_in_llama_cpps_rotary_order(run, f16):
@@ -214,33 +214,36 @@ def test_llama_cpp_generates_what_transformers_generates(run, tmp_path, quant):
 
 @needs_llama_cpp
 @pytest.mark.parametrize("digits", [False, True], ids=["gpt-2", "smollm"])
-def test_llama_cpp_tokenizes_like_transformers(llama_dir, tmp_path, digits):
+def test_llama_cpp_tokenizes_like_transformers(run, llama_dir, tmp_path, digits):
     import llama_cpp
 
     folder = build_tiny_llama(tmp_path / "m", digits=digits) if digits else llama_dir
-    run = tmp_path / "run"
-    run.mkdir()
     out = export_gguf(export_cfg(run, f"export.model={folder}", f"export.output={tmp_path}/o", "export.verify=none"),
                       None)
     tok = AutoTokenizer.from_pretrained(folder)
     llm = llama_cpp.Llama(model_path=str(gguf_file(out)), n_ctx=256, n_threads=1, verbose=False,
                           vocab_only=True)
-    assert llm.metadata["tokenizer.ggml.pre"] == ("smollm" if digits else "gpt-2")
     for text in TOKENIZER_PROBES:
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok(text)["input_ids"], text
+    assert llm.metadata["tokenizer.ggml.pre"] == ("smollm" if digits else "gpt-2")
 
 
 @needs_llama_cpp
-def test_llama_cpp_stops_at_im_end_by_itself_and_renders_the_default_system_turn(run, f16):
+def test_llama_cpp_stops_at_im_end_by_itself_and_renders_chatml(run, f16):
     import llama_cpp
 
-    from finetune.export.verify import LlamaCppReader
+    from finetune.export.verify import PROBE, LlamaCppReader
 
     tok = AutoTokenizer.from_pretrained(run / "merged")
     reader = LlamaCppReader(gguf_file(f16), n_ctx=256)
-    chat = PROMPTS[0]  # no system message: the template inserts SmolLM2's default one
-    assert reader.render(chat) == tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-    assert DEFAULT_SYSTEM in reader.render(chat)
+    assert reader.render(PROBE) == tok.apply_chat_template(PROBE, tokenize=False, add_generation_prompt=True)
+    # Known llama.cpp behaviour, kept visible here: its built-in ChatML formatter (llama_chat_apply_template, used
+    # without --jinja) does not run the stored Jinja, so a chat without a system message gets no default system
+    # turn. The GGUF still stores the template (llama-server --jinja renders it) and the Modelfile has SYSTEM.
+    chat = PROMPTS[0]
+    default_turn = f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n"
+    want = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert want.startswith(default_turn) and reader.render(chat) == want[len(default_turn):]
     llm = llama_cpp.Llama(model_path=str(gguf_file(f16)), n_ctx=256, n_threads=2, verbose=False)
     text = tok.apply_chat_template(PROMPTS[1], tokenize=False, add_generation_prompt=True)
     res = llm.create_completion(text, max_tokens=24, temperature=0.0, top_k=1)

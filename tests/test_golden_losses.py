@@ -22,6 +22,7 @@ import pytest
 
 STEPS = 5
 OVERRIDES = [
+    "experiment=tiny_demo",  # the tiny model's demo settings (learning rate, batch, warmup)
     "quant=none", "quant.compute_dtype=float32", "device=cpu", f"train.max_steps={STEPS}", "train.seed=42",
     "train.save_steps=1000",
     "train.report_to=[]", "merge.enabled=false", "eval.enabled=false",

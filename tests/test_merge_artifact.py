@@ -32,8 +32,9 @@ def merged_run(tmp_path_factory):
 
 def test_merge_command_prints_the_parity_summary(merged_run):
     run, summary = merged_run
-    assert summary["merged"] == str(run / "merged") and summary["base"] == "original"
     parity = json.loads((run / "merged" / "parity.json").read_text())
+    # merge.base=auto after nf4 training: the round trip the adapter was trained against
+    assert summary["merged"] == str(run / "merged") and summary["base"] == parity["merge"]["base"] == "nf4_roundtrip"
     for key in ("greedy_token_agreement", "max_abs_logit_diff", "identical_greedy_outputs", "ok", "warning"):
         assert summary[key] == parity[key], key  # the printed line is the report's, not a stand-in
     assert summary["prompts"] == len(parity["rows"]) == 8

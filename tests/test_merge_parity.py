@@ -28,8 +28,9 @@ def test_fp32_merge_of_an_adapter_on_an_fp32_base_gives_identical_greedy_output(
 
 
 def test_nf4_roundtrip_base_reproduces_the_qlora_adapter_closer_than_the_original(tmp_path):
+    """Why merge.base=auto picks the round trip after 4-bit training."""
     run = make_run(tmp_path / "run")  # the demo's quant: nf4
-    original = json.loads((merge_adapter(run_cfg(run), run) / "parity.json").read_text())
+    original = json.loads((merge_adapter(run_cfg(run, "merge.base=original"), run) / "parity.json").read_text())
     roundtrip = json.loads((merge_adapter(run_cfg(run, "merge.base=nf4_roundtrip"), run,
                                           output=tmp_path / "rt") / "parity.json").read_text())
     assert roundtrip["merge"]["base"] == "nf4_roundtrip" and original["merge"]["base"] == "original"
@@ -51,7 +52,8 @@ def test_nf4_roundtrip_merges_into_exactly_the_dequantized_weights(tmp_path):
     run = make_run(tmp_path / "run", target_modules=["q_proj"])
     cfg = run_cfg(run, "merge.base=nf4_roundtrip", "merge.parity_prompts=0")
     rt = load_file(str(merge_adapter(cfg, run) / "model.safetensors"))
-    original = load_file(str(merge_adapter(run_cfg(run, "merge.parity_prompts=0"), run, output=tmp_path / "o")
+    original = load_file(str(merge_adapter(run_cfg(run, "merge.base=original", "merge.parity_prompts=0"), run,
+                                           output=tmp_path / "o")
                              / "model.safetensors"))
     quantized = load_base_model(cfg.model, cfg.quant, "cpu", quantize=True)  # as training loaded it
     layer = quantized.model.layers[1].mlp.down_proj  # not adapted: the weight is the base's

@@ -13,7 +13,7 @@ from typing import Any
 ORDER = ("exact_match", "json_valid_rate", "schema_valid_rate", "field_f1", "tool_call_valid_rate",
          "tool_name_match_rate", "tool_args_valid_rate", "tool_args_f1", "chrf", "stopped_rate", "target_loss",
          "target_perplexity")
-HIDDEN = ("rows", "rows_structured", "rows_text", "rows_tool_call", "normalized_match", "field_precision",
+HIDDEN = ("rows", "generated_tokens_per_s", "target_tokens", "rows_structured", "rows_text", "rows_tool_call", "normalized_match", "field_precision",
           "field_recall", "tool_args_precision", "tool_args_recall")
 
 

@@ -177,7 +177,8 @@ def check_tokenizer(model_dir: Path):
     stages, problem = _split_stages(pre)
     name = PRE_TOKENIZERS.get(stages)
     if problem or name is None:
-        raise FinetuneError(f"{where}: pre-tokenizer {problem or ' then '.join(stages) or 'none'!r} has no llama.cpp "
+        what = problem or (f"split {' then '.join(stages)}" if stages else "that does not split")
+        raise FinetuneError(f"{where}: pre-tokenizer {what} has no llama.cpp "
                             f"equivalent known to this exporter (known: those of llama.cpp's "
                             f"{', '.join(PRE_TOKENIZERS.values())}); llama.cpp would split text differently, so "
                             "nothing was written")

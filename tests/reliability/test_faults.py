@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,10 +27,9 @@ from tests.support import REPO
 
 
 def _copy_run(art, dest: Path, *drop: str) -> Path:
-    shutil.copytree(art["run"], dest)
-    for name in drop:
-        path = dest / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    # dropped while copying: on the small tmpfs the whole run would not fit first
+    shutil.copytree(art["run"], dest, ignore=lambda folder, names: [n for n in names if Path(folder) == art["run"]
+                                                                    and n in drop])
     return dest
 
 
@@ -231,3 +229,14 @@ def test_published_adapter_has_no_pickle_normal_modes_and_provenance(artifacts):
     merged = json.loads((artifacts["run"] / "merged" / "provenance.json").read_text())
     assert prov["base"]["config_sha256"] and prov["base"]["weights_fingerprint"] and prov["adapter_sha256"]
     assert merged["base"] == prov["base"] and merged["adapter_sha256"] == prov["adapter_sha256"]
+
+
+def test_eval_report_names_the_base_and_adapter_it_scored(artifacts, tmp_path):
+    run = _copy_run(artifacts, tmp_path / "run")
+    out = run_inprocess(["eval", f"run={run}", "device=cpu", "eval.compare_base=false", "eval.max_samples=1",
+                         "eval.max_new_tokens=2"])
+    assert out.code == 0, out.text[-3000:]
+    report = json.loads((run / "eval" / "report.json").read_text())
+    adapter = json.loads((run / "adapter" / "provenance.json").read_text())
+    assert report["provenance"]["adapter_sha256"] == adapter["adapter_sha256"]
+    assert report["provenance"]["base"] == adapter["base"]
