@@ -79,3 +79,14 @@ def publish_folder(tmp: Path, output: Path) -> Path:
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return output
+
+
+def sha256_file(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks (a 6 GB checkpoint never sits in memory)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -10,7 +10,6 @@ hit: it is rebuilt.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import json
 import logging
@@ -27,6 +26,7 @@ from pathlib import Path
 from finetune.errors import FinetuneError
 from finetune.files import publish_folder, write_json_atomic
 from finetune.paths import cache_root
+from finetune.files import sha256_file
 
 log = logging.getLogger("finetune.models.gguf")
 
@@ -65,7 +65,7 @@ def convert_gguf(gguf_path: Path, *, name: str | None = None) -> Path:
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
         raise FinetuneError(f"{gguf_path}: no such GGUF file")
-    digest = _sha256(gguf_path)
+    digest = sha256_file(gguf_path)
     target = cache_root() / "models" / (name or f"gguf-{digest[:16]}")
     if _manifest(target, digest) is not None:
         return target
@@ -320,14 +320,6 @@ def _lock(target: Path):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _ids(value) -> list:

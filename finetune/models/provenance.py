@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 from finetune.config import ModelConfig
 from finetune.errors import FinetuneError
+from finetune.files import sha256_file
 
 log = logging.getLogger("finetune.models.provenance")
 
@@ -27,14 +28,6 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # at the start, middle and end of the data: milliseconds, where a full SHA-256 of Qwen2.5-3B's 6 GB of shards
 # takes ~15 s at 400 MB/s. A retrained or re-quantized base changes the header or those bytes.
 _SAMPLE = 64 << 10
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _weight_files(folder: Path) -> list[Path]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from finetune.files import write_json_atomic
-from finetune.models.provenance import sha256_file
+from finetune.files import sha256_file
 
 log = logging.getLogger("finetune.train.manifest")
 
