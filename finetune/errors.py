@@ -57,7 +57,9 @@ def user_message(exc: BaseException) -> str | None:
     where = getattr(exc, "filename", None) or ""
     disk_full = (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or (
         # torch.save's C++ writer reports a full disk as these RuntimeErrors, without errno or file name
-        isinstance(exc, RuntimeError) and any(s in str(exc) for s in ("basic_ios::clear", "PytorchStreamWriter")))
+        isinstance(exc, RuntimeError) and any(s in str(exc) for s in ("basic_ios::clear", "PytorchStreamWriter"))
+        # the tokenizers library (Rust) raises a plain Exception with the OS error in its text
+        or "No space left on device" in str(exc) or "os error 28" in str(exc))
     if disk_full:
         target = where or "the output folder"
         return (f"disk full while writing {target} ({_free_space(where or '.')}{_needed_space(str(where))}); "

@@ -1,6 +1,5 @@
 """Third-party warnings that do not apply to a run stay off the console and go to the log file (issue 18)."""
 import logging
-import warnings
 
 from finetune.cli import quiet_console
 
@@ -12,7 +11,6 @@ def test_inapplicable_warnings_reach_the_log_file_but_not_the_console(tmp_path):
     root.addHandler(logfile)
     try:
         quiet_console()
-        assert logging.getLogger("py.warnings").handlers == [] or True  # warnings now go through logging
         records = {
             "bnb": logging.makeLogRecord({"name": "bitsandbytes.backends.cpu.ops", "levelno": logging.WARNING,
                                           "msg": "Failed to load CPU gemm_4bit_forward from kernels-community"}),
@@ -22,15 +20,12 @@ def test_inapplicable_warnings_reach_the_log_file_but_not_the_console(tmp_path):
         }
         shown = {k: bool(console.filter(r)) for k, r in records.items()}
         logged = {k: bool(logfile.filter(r)) for k, r in records.items()}
-        with warnings.catch_warnings(record=False):
-            captured = warnings.showwarning.__module__ == "logging"
     finally:
         root.removeHandler(console)
         root.removeHandler(logfile)
         logging.captureWarnings(False)
     assert shown == {"bnb": False, "deprecation": False, "ours": True}
     assert logged == {"bnb": True, "deprecation": True, "ours": True}  # the log file keeps everything
-    assert captured
 
 
 def test_the_run_header_names_what_decides_the_run():

@@ -76,7 +76,7 @@ def test_converted_folder_is_a_plain_model_with_the_chat_template(smollm2):
     assert tok.convert_tokens_to_ids("<|im_end|>") in model.generation_config.eos_token_id
     assert tok.model_max_length == 8192
     manifest = g._manifest(folder)
-    assert manifest["source"]["sha256"] == g._sha256(smollm2["gguf"]) and manifest["dtype"] == "bfloat16"
+    assert manifest["source"]["sha256"] == g.sha256_file(smollm2["gguf"]) and manifest["dtype"] == "bfloat16"
     assert set(manifest["files"]) == {p.name for p in folder.iterdir()} - {g.MANIFEST}
 
 
@@ -157,7 +157,7 @@ def test_another_source_under_the_same_name_is_reconverted(cache, tmp_path, monk
     b.write_bytes(b"GGUF b")
     assert g.convert_gguf(a, name="m") == g.convert_gguf(b, name="m")
     assert calls == [a, b]
-    assert g.convert_gguf(a).name == f"gguf-{g._sha256(a)[:16]}"
+    assert g.convert_gguf(a).name == f"gguf-{g.sha256_file(a)[:16]}"
 
 
 def _assert_nothing_cached(root: Path) -> None:
@@ -233,7 +233,7 @@ def test_no_package_and_no_registry_says_what_to_do(cache, monkeypatch):
 def test_a_full_disk_is_refused_before_converting(smollm2, cache, monkeypatch):
     usage = shutil.disk_usage(cache.parent)
     monkeypatch.setattr(g.shutil, "disk_usage", lambda p: usage._replace(free=50 * 2**20))
-    monkeypatch.setattr(g, "_sha256", lambda p: "0" * 64)  # skip hashing; not what is tested
+    monkeypatch.setattr(g, "sha256_file", lambda p: "0" * 64)  # skip hashing; not what is tested
     with pytest.raises(FinetuneError, match=r"converting .*\.gguf needs about 3\d\d MB on .*only 50 MB free"):
         g.convert_gguf(smollm2["gguf"], name="full")
     _assert_nothing_cached(cache)
@@ -261,7 +261,7 @@ def test_model_gguf_file_is_converted_and_a_missing_one_is_named(cache, tmp_path
     calls = _stub_conversion(monkeypatch)
     src = tmp_path / "local.gguf"
     src.write_bytes(b"GGUF local")
-    assert model_path(ModelConfig(gguf_file=str(src))) == str(cache / "models" / f"gguf-{g._sha256(src)[:16]}")
+    assert model_path(ModelConfig(gguf_file=str(src))) == str(cache / "models" / f"gguf-{g.sha256_file(src)[:16]}")
     assert calls == [src]
     with pytest.raises(FinetuneError, match=r"model\.gguf_file='.*missing\.gguf': no such file"):
         model_path(ModelConfig(gguf_file=str(tmp_path / "missing.gguf")))
