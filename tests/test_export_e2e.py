@@ -10,7 +10,7 @@ from tests.support import run_cli
 @pytest.mark.slow
 def test_train_then_export_f16_and_q8_0(tmp_path):
     run = tmp_path / "run"
-    res = run_cli("train", f"hydra.run.dir={run}", "eval.enabled=false")
+    res = run_cli("train", "experiment=tiny_demo", "name=demo", f"hydra.run.dir={run}", "eval.enabled=false")
     assert res.returncode == 0, res.stderr[-3000:]
     reports = {}
     for quant in ("f16", "q8_0"):
