@@ -30,7 +30,7 @@ class ModelConfig:
     chat_template: Optional[str] = field(
         default=None, metadata={"help": "Jinja chat template (text or a .jinja path) replacing the tokenizer's."}
     )
-    attn_implementation: str = field(default="sdpa", metadata={"help": "eager | sdpa | flash_attention_2"})
+    attn_implementation: str = field(default="sdpa", metadata={"help": "eager | sdpa | sdpa_packed (per document on packed rows) | flash_attention_2 | flex_attention"})
     architecture: Optional[Dict[str, Any]] = field(
         default=None,
         metadata={"help": "Architecture numbers (hidden_size, num_hidden_layers, ...) for the memory plan when the "
@@ -50,9 +50,9 @@ class ModelConfig:
         out = []
         if self.context_length is not None and self.context_length <= 0:
             out.append(f"model.context_length={self.context_length}: must be a positive number of tokens")
-        if self.attn_implementation not in ("eager", "sdpa", "flash_attention_2", "flex_attention"):
+        if self.attn_implementation not in ("eager", "sdpa", "sdpa_packed", "flash_attention_2", "flex_attention"):
             out.append(
-                f"model.attn_implementation={self.attn_implementation!r}: use eager, sdpa, "
+                f"model.attn_implementation={self.attn_implementation!r}: use eager, sdpa, sdpa_packed, "
                 "flash_attention_2 or flex_attention"
             )
         # A Hub id is "org/name"; anything that starts like a path or has more slashes is a local folder, and a

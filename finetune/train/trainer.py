@@ -56,10 +56,12 @@ def trainer_class():
     from trl import SFTTrainer
 
     from finetune.train.checkpoint import save_atomically
+    from finetune.train.loss_head import use_compact_head
 
     class FinetuneTrainer(SFTTrainer):
         def __init__(self, *args, checkpoint_meta: dict, **kwargs):
             super().__init__(*args, **kwargs)
+            use_compact_head(self)  # CPU: label positions only (finetune.train.loss_head)
             self.checkpoint_meta = checkpoint_meta  # what a resume must agree with (finetune.train.checkpoint)
             self._label_tokens = None  # label tokens since the last log, a device tensor (no sync per step)
             self._label_tokens_total = 0
@@ -94,6 +96,25 @@ def trainer_class():
     return FinetuneTrainer
 
 
+def use_packed_attention(model, cfg: FinetuneConfig) -> bool:
+    """Train packed rows with per-document attention (finetune.models.attention) when the model computes with
+    sdpa: it is sdpa for anything that is not a packed row, and on a packed row it skips the cross-document
+    scores. Measured on SmolLM2-135M nf4 QLoRA, bf16, 2 cores (one forward+backward, rows of 200-token
+    documents): 2,048-token row 12.0 -> 6.9 s (1.74x), 4,096 43.5 -> 17.3 s (2.52x), 512 the same (2.03 vs
+    2.06 s); losses equal to 4 decimals. model.attn_implementation=sdpa_packed asks for it everywhere,
+    train.per_document_attention=false keeps plain sdpa."""
+    from finetune.models import attention
+
+    if not (cfg.train.packing and cfg.train.per_document_attention):
+        return False
+    if getattr(model.config, "_attn_implementation", None) not in ("sdpa", attention.NAME):
+        return False  # eager asked for on purpose, flash_attention_2 (varlen already), flex
+    attention.register()
+    model.set_attn_implementation(attention.NAME)
+    log.info("attention: %s (sdpa per document of each packed row)", attention.NAME)
+    return True
+
+
 def build_trainer(cfg: FinetuneConfig, splits, tokenizer, run_dir: Path, device: str, *, model=None):
     """Base model (quantized, k-bit prepared) + LoRA + SFTTrainer, ready to train. `model`: a base the caller
     already loaded with `load_base_model(cfg.model, cfg.quant, device)` (benchmarks/memory.py measures the
@@ -115,6 +136,7 @@ def build_trainer(cfg: FinetuneConfig, splits, tokenizer, run_dir: Path, device:
         warn_if_busy()
     if model is None:
         model = load_base_model(cfg.model, cfg.quant, device)
+    use_packed_attention(model, cfg)
     check_target_modules(model, cfg.peft, cfg.model.name_or_path)
     # A quantized base arrives frozen with fp32 norms (finetune.models.load.prepare_quantized_base); checkpointing is
     # left to the Trainer (activation_checkpointing) so it is configured in one place.
