@@ -5,7 +5,7 @@
     python benchmarks/run_all.py --only memory,train_throughput --out bench.json
 
 Benchmarks: preprocess.py (data stage, cold vs warm cache), generate.py (generation; skipped when the file is
-absent), train_throughput.py (project vs trl defaults, trl's best settings and peer frameworks),
+absent), generate_engines.py (batched generation vs llama.cpp on the exported GGUF), train_throughput.py (project vs trl defaults, trl's best settings and peer frameworks),
 memory.py (QLoRA vs 16-bit LoRA vs stock peft+trl). Each prints one JSON
 object as its last stdout line; a benchmark that fails or times out gets a FAILED row and the others still run.
 A missed goal is a finding, not a failure: the exit status is 1 only when a benchmark did not produce its JSON.
@@ -49,11 +49,16 @@ BENCHES = [
     Bench("generate", [],
           [("merged_vs_adapter", ">=", 1.5), ("batched_vs_one_by_one", ">=", 5), ("constrained_slowdown", "<=", 0.25)],
           ["merged_fp32_tokens_per_s"], timeout_s=240),
+    # SmolLM2's own folder: the project's batched greedy decoding against llama.cpp single-stream on its GGUF
+    Bench("generate_engines", ["--rows", "24", "--new-tokens", "48"], [("batched_vs_llamacpp_best", ">=", 2)],
+          ["project_batched_tokens_per_s", "project_b1_tokens_per_s", "llamacpp_best_tokens_per_s",
+           "llamacpp_f16_same_outputs"], timeout_s=420),
     # SmolLM2 (the real model): 3 trl/project arms + the peers `make peers` installed; not yet timed alone
     Bench("train_throughput", ["--quick"],
           [("ratio_vs_trl_best", ">=", 1.5), ("val_loss_rel_diff_vs_trl_best", "<=", 0.01)],
           ["ratio_vs_trl_default", "ratio_vs_llamafactory", "project_label_tokens_per_s", "trl_best_label_tokens_per_s",
-           "project_val_loss", "trl_best_val_loss", "project_peak_rss_mb", "trl_best_peak_rss_mb"], timeout_s=900),
+           "project_val_loss", "trl_best_val_loss", "project_peak_rss_mb", "trl_best_peak_rss_mb", "project_mfu",
+           "trl_best_mfu", "matmul_peak_gflops"], timeout_s=900),
     Bench("memory", ["--quick"], [("ratio", "<=", 0.5)],
           ["ratio_max", "project_vs_stock", "ratio_auto_compute", "qlora_bf16_peak_mb", "lora16_peak_mb",
            "stock_qlora_peak_mb", "qlora_load_peak_anon_mb", "bf16_copy_mb", "qlora_load_below_bf16_copy"],

@@ -181,7 +181,39 @@ def prepare(work: Path, settings: dict) -> dict:
             "tokens_per_step": tokens_per_step,
             "trl_default_accumulation": max(1, round(rows_per_step / TRL_DEFAULT_MICRO_BATCH)),
             "auto_dtype": str(resolve_dtype("auto", "cpu")).replace("torch.", ""),
-            "threads": torch.get_num_threads(), "max_length": cfg.data.max_length, "template": template}
+            "threads": torch.get_num_threads(), "max_length": cfg.data.max_length, "template": template,
+            **model_flops(work / "model", cfg.data.max_length)}
+
+
+def model_flops(model_dir: Path, max_length: int) -> dict:
+    """LoRA training FLOPs per token, and the machine's measured matmul peak in the compute dtype `auto` picks.
+
+    Per token: 4 x the matmul parameters (forward 2N, the input gradients 2N; frozen weights get no weight
+    gradient, the LoRA matrices' own are negligible at r16) + causal attention at half of max_length, the
+    packed row's average key count, counted as a standard implementation would (every key of the row; the
+    project's per-document attention does less). The output head counts at every position (the project's
+    label-only head does less). Peak: the best of 5 2048^3 matmuls."""
+    import time
+
+    import torch
+    from transformers import AutoConfig
+
+    from finetune.models.load import resolve_dtype
+
+    c = AutoConfig.from_pretrained(model_dir)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    per_layer = (c.hidden_size * head_dim * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
+                 + 3 * c.hidden_size * c.intermediate_size)
+    n = c.num_hidden_layers * per_layer + c.hidden_size * c.vocab_size
+    attention = 4 * 2 * c.num_hidden_layers * c.num_attention_heads * head_dim * (max_length / 2)
+    dtype = resolve_dtype("auto", "cpu")
+    a = torch.randn(2048, 2048, dtype=dtype)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - t)
+    return {"train_flops_per_token": 4 * n + attention, "matmul_peak_gflops": round(2 * 2048 ** 3 / best / 1e9, 1)}
 
 
 # --- workers: one training run each, in its own process ---------------------------------------------------------
@@ -392,12 +424,15 @@ def summarize(model: str, runs: list[dict], data: dict, skipped: dict[str, str])
           f"label tokens; {data['tokens_per_step']} tokens per optimizer step; torch threads {data['threads']}; "
           f"compute dtype auto -> {data['auto_dtype']}")
     print(f"  {'arm':13s} {'label tok/s':>11s} {'train s':>8s} {'steps':>5s} {'computed/real':>13s} "
-          f"{'peak MB':>8s} {'val loss':>8s}")
+          f"{'peak MB':>8s} {'val loss':>8s} {'MFU':>6s}")
     for arm, r in best.items():
         computed = f"{r['computed_tokens'] / data['tokens']:.2f}" if r.get("computed_tokens") else "-"
         loss = f"{r['val_loss']:.4f}" if r.get("val_loss") is not None else "-"
+        if data.get("matmul_peak_gflops"):  # model FLOPs of the real tokens / seconds / measured peak
+            r["mfu"] = round(data["train_flops_per_token"] * data["tokens"] / r["train_s"]
+                             / (data["matmul_peak_gflops"] * 1e9), 3)
         print(f"  {arm:13s} {r['label_tokens_per_s']:11.1f} {r['train_s']:8.1f} {r['steps']:5d} {computed:>13s} "
-              f"{r['peak_rss_mb']:8.0f} {loss:>8s}")
+              f"{r['peak_rss_mb']:8.0f} {loss:>8s} {r.get('mfu', 0):6.1%}")
     for arm, why in not_run.items():
         print(f"  {arm:13s} not run: {why}")
     out = {"arms": best, "not_run": not_run, "data": data}
@@ -498,6 +533,8 @@ def report(by_model: dict, skipped: dict, args) -> dict:
         result[f"{arm}_label_tokens_per_s"] = r["label_tokens_per_s"]
         result[f"{arm}_val_loss"] = r.get("val_loss")
         result[f"{arm}_peak_rss_mb"] = r["peak_rss_mb"]
+        result[f"{arm}_mfu"] = r.get("mfu")
+    result["matmul_peak_gflops"] = head["data"].get("matmul_peak_gflops")
     result.update(not_run=head["not_run"], models_skipped=skipped, repeats=args.repeats, rows=args.rows,
                   max_length=args.max_length, project_set=args.project_set, baseline_set=args.baseline_set,
                   by_model={m: {k: v for k, v in out.items() if k != "data"} | {"data": out["data"]}
