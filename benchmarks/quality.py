@@ -9,6 +9,7 @@ the nf4 round trip the adapter was trained against) and scores that too, to show
 
     python benchmarks/quality.py                 # about 3 x the demo's time, on 2 idle cores
     python benchmarks/quality.py --set train.max_steps=10 --set eval.max_samples=8   # a quick look
+    python benchmarks/quality.py --nf4-run outputs/demo/<time>   # reuse a `make demo` run as the nf4 arm
 
 Goal (issue 13): nf4 within 2 points of exact match and 0.02 of field F1 of 16-bit.
 The last line is one JSON object.
@@ -53,12 +54,19 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra override for both arms (e.g. train.max_steps=10)")
     ap.add_argument("--keep", action="store_true", help="keep the run directories (printed)")
+    ap.add_argument("--nf4-run", type=Path, default=None,
+                    help="an existing `make demo` run directory to use as the nf4 arm (saves one training; its "
+                         "eval/ is rewritten by the merge-base check)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-quality-"))
     common = ["experiment=demo", *args.set]
-    runs = {"nf4": work / "nf4", "bf16": work / "bf16"}
+    runs = {"nf4": args.nf4_run or work / "nf4", "bf16": work / "bf16"}
     seconds = {}
-    seconds["nf4"] = finetune("train", *common, "quant=nf4", f"hydra.run.dir={runs['nf4']}")
+    if args.nf4_run is None:
+        seconds["nf4"] = finetune("train", *common, "quant=nf4", f"hydra.run.dir={runs['nf4']}")
+    else:  # the run's own config must be the demo's: its summary is what the nf4 arm reports
+        records = [json.loads(x) for x in (args.nf4_run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        seconds["nf4"] = next((r["train_runtime"] for r in records if "train_runtime" in r), float("nan"))
     seconds["bf16"] = finetune("train", *common, "quant=none", "eval.compare_base=false",  # the base is scored once
                               f"hydra.run.dir={runs['bf16']}")
     nf4, bf16 = report(runs["nf4"]), report(runs["bf16"])

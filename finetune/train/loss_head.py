@@ -10,7 +10,7 @@ demo data (about 600 label tokens), nf4 QLoRA, bf16, 2 cores: the head took 5.7 
 `compact_lm_head` replaces that path when the device has no Triton: only positions whose next token is a label
 are projected (the same `hidden[mask]` trl's CUDA path uses), through the output head in the autocast dtype,
 widened to fp32 for the log-softmax, in token chunks that are recomputed in backward (torch.utils.checkpoint)
-so at most CHUNK_TOKENS x vocabulary fp32 logits exist at once. The gradient with respect to the hidden states
+so at most one chunk's fp32 logits (CHUNK_BYTES) exist at once. The gradient with respect to the hidden states
 is one matmul over the whole vocabulary per chunk, so it is rounded once, as an ordinary Linear's is (trl's
 warning about summing per-tile bf16 products does not apply). The loss and the metrics trl logs (entropy,
 mean token accuracy) match trl's path: tests/train/test_loss_head.py compares them and the gradients.
@@ -23,8 +23,16 @@ import types
 
 log = logging.getLogger("finetune.train.loss_head")
 
-# Tokens per chunk: 1,024 x 49,152 fp32 logits are 201 MB (Qwen2.5's 151,936: 622 MB), plus their softmax.
-CHUNK_TOKENS = 1024
+# fp32 logits per chunk: 64 MB, so that a chunk's logits, log-softmax and their gradient stay near 200 MB
+# whatever the vocabulary: 341 tokens for SmolLM2's 49,152, 110 for Qwen2.5's 151,936. Chunks of 1,024 tokens
+# (622 MB of logits per tensor for Qwen2.5) made the project's QLoRA peak 1.3x stock trl's in benchmarks/memory.py
+# (9,066 vs 6,978 MB, 2026-12-02). Every chunk is recomputed in backward, so only one chunk's tensors live.
+CHUNK_BYTES = 64 * 2 ** 20
+CHUNK_TOKENS = None  # tests set a fixed chunk
+
+
+def chunk_tokens(vocab: int) -> int:
+    return CHUNK_TOKENS or max(32, CHUNK_BYTES // (4 * vocab))
 
 
 def _chunk_terms(weight, bias, h, y):
@@ -48,9 +56,10 @@ def _label_terms(weight, bias, hidden, labels):
     from torch.utils.checkpoint import checkpoint
 
     parts = []
-    for start in range(0, hidden.shape[0], CHUNK_TOKENS):
-        h, y = hidden[start:start + CHUNK_TOKENS], labels[start:start + CHUNK_TOKENS]
-        if hidden.requires_grad and hidden.shape[0] > CHUNK_TOKENS:
+    step = chunk_tokens(weight.shape[0])
+    for start in range(0, hidden.shape[0], step):
+        h, y = hidden[start:start + step], labels[start:start + step]
+        if hidden.requires_grad:
             parts.append(checkpoint(_chunk_terms, weight, bias, h, y, use_reentrant=False))
         else:
             parts.append(_chunk_terms(weight, bias, h, y))

@@ -38,7 +38,7 @@ def _batch():
     return dict(input_ids=ids, labels=labels, position_ids=torch.cat([torch.arange(25), torch.arange(15)])[None])
 
 
-@pytest.mark.parametrize("chunk", [1024, 7])  # one chunk, and several recomputed (checkpointed) chunks
+@pytest.mark.parametrize("chunk", [1024, 7])  # one chunk, and several
 def test_compact_head_matches_trl_fused_head(monkeypatch, chunk):
     from finetune.train import loss_head
 
@@ -96,3 +96,19 @@ def test_models_with_logit_scaling_keep_trl_head():
     assert supported(LlamaForCausalLM(cfg)) is None
     cfg.final_logit_softcapping = 30.0
     assert "final_logit_softcapping" in supported(LlamaForCausalLM(cfg))
+
+
+def test_chunks_bound_the_fp32_logits_whatever_the_vocabulary(monkeypatch):
+    from finetune.train import loss_head
+
+    for vocab in (500, 49152, 151936):
+        assert loss_head.chunk_tokens(vocab) * vocab * 4 <= max(loss_head.CHUNK_BYTES, 32 * vocab * 4)
+    seen = []
+    real = loss_head._chunk_terms
+    monkeypatch.setattr(loss_head, "_chunk_terms", lambda w, b, h, y: (seen.append(h.shape[0]), real(w, b, h, y))[1])
+    weight = torch.randn(151936, 8)
+    hidden = torch.randn(300, 8, requires_grad=True)
+    picked, _, _ = loss_head._label_terms(weight, None, hidden, torch.randint(0, 151936, (300,)))
+    picked.sum().backward()
+    assert max(seen) == loss_head.chunk_tokens(151936) < 300 and sum(seen[:3]) >= 300  # chunked, all rows seen
+    assert hidden.grad is not None and picked.shape == (300,)
