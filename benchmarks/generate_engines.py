@@ -44,13 +44,9 @@ def _prompts(model_dir: Path, rows: int):
     return tokenizer, [render_prompt(tokenizer, r.messages) for r in held]
 
 
-def _project(model_dir: Path, tokenizer, prompts, new_tokens: int, batch_size: int, dtype: str):
-    import torch
+def _project(model, tokenizer, prompts, new_tokens: int, batch_size: int):
+    from finetune.generate.generation import generate
 
-    from finetune.generate.generation import generate, load_merged
-
-    model = load_merged(model_dir, "cpu", getattr(torch, dtype))
-    model = model[0] if isinstance(model, tuple) else model
     generate(model, tokenizer, prompts[:2], max_new_tokens=4, batch_size=2)  # warm-up (allocations, oneDNN)
     t = time.perf_counter()
     out = generate(model, tokenizer, prompts, max_new_tokens=new_tokens, batch_size=batch_size)
@@ -90,7 +86,7 @@ def main() -> None:
     import torch
 
     from finetune.export.gguf import plan_gguf, write_gguf
-    from finetune.generate.generation import stop_token_ids
+    from finetune.generate.generation import load_merged, stop_token_ids
     from finetune.models.cpu import cpu_dtype_choice
     from finetune.models.gguf import smollm2_model_dir
     from finetune.train.threads import configure_threads, physical_cores
@@ -108,8 +104,11 @@ def main() -> None:
     result: dict = {"model_dir": str(model_dir), "rows": len(prompts), "new_tokens": args.new_tokens,
                     "threads": threads, "project_dtype": dtype, "torch_threads": torch.get_num_threads()}
     arms: dict[str, tuple[float, list]] = {}
-    arms["project_batched"] = _project(model_dir, tokenizer, prompts, args.new_tokens, args.batch_size, dtype)
-    arms["project_b1"] = _project(model_dir, tokenizer, prompts, args.new_tokens, 1, dtype)
+    model = load_merged(model_dir, "cpu", getattr(torch, dtype))
+    model = model[0] if isinstance(model, tuple) else model  # loaded once for both project arms
+    arms["project_batched"] = _project(model, tokenizer, prompts, args.new_tokens, args.batch_size)
+    arms["project_b1"] = _project(model, tokenizer, prompts, args.new_tokens, 1)
+    del model
     with tempfile.TemporaryDirectory(prefix="bench-gguf-") as tmp:
         for quant in [q for q in args.quants.split(",") if q]:
             path = Path(tmp) / f"model-{quant}.gguf"

@@ -17,9 +17,14 @@ from __future__ import annotations
 NAME = "sdpa_packed"
 
 
-def document_bounds(position_ids) -> list[tuple[int, int]] | None:
-    """[(start, end), ...] of the documents in a single packed row, from position ids that restart at 0; None
-    when there is more than one row or the row is one document (nothing to split)."""
+def document_bounds(position_ids, cu_seq_lens=None) -> list[tuple[int, int]] | None:
+    """[(start, end), ...] of the documents in a single packed row: the cumulative lengths trl's padding-free
+    collator passes (`cu_seq_lens_q`), else from position ids that restart at 0; None when there is more than
+    one row or the row is one document (nothing to split)."""
+    if cu_seq_lens is not None and position_ids is not None and position_ids.shape[0] == 1:
+        edges = [int(x) for x in cu_seq_lens.tolist()]
+        if len(edges) > 2 and edges[0] == 0 and edges[-1] == position_ids.shape[1]:
+            return list(zip(edges[:-1], edges[1:]))
     if position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] != 1 or position_ids.shape[1] < 2:
         return None
     pos = position_ids[0]
@@ -37,7 +42,7 @@ def sdpa_packed_forward(module, query, key, value, attention_mask, dropout: floa
     import torch.nn.functional as F
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    bounds = document_bounds(kwargs.get("position_ids"))
+    bounds = document_bounds(kwargs.get("position_ids"), kwargs.get("cu_seq_lens_q"))
     # A packed row of several documents is training (q and kv the same length, no cache); anything else, and
     # any model that is not causal, is sdpa's business.
     if (bounds is None or query.shape[2] != key.shape[2] or not getattr(module, "is_causal", True)

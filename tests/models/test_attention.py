@@ -79,3 +79,12 @@ def test_trainer_switches_to_per_document_attention_only_for_packed_sdpa():
     tiny_cfg.train.per_document_attention = False
     plain, _ = _pair()
     assert use_packed_attention(plain, tiny_cfg) is False and plain.config._attn_implementation == "sdpa"
+
+
+def test_bounds_from_trl_cumulative_lengths_agree_with_position_ids():
+    lens = [3, 2, 4]
+    pos = torch.cat([torch.arange(n) for n in lens])[None]
+    cu = torch.tensor([0, 3, 5, 9], dtype=torch.int32)
+    assert attention.document_bounds(pos, cu) == attention.document_bounds(pos) == [(0, 3), (3, 5), (5, 9)]
+    # lengths that do not cover the row are not trusted: the position ids decide
+    assert attention.document_bounds(pos, torch.tensor([0, 3, 5])) == [(0, 3), (3, 5), (5, 9)]
