@@ -7,6 +7,7 @@ from typing import Any, Dict, List, Optional
 FORMATS = ("alpaca", "sharegpt", "messages", "completion", "structured")
 KEY_ORDERS = ("schema", "sorted", "given")
 TABLE_FORMATS = ("markdown", "csv")
+SCHEMA_FORMATS = ("json", "sketch")
 
 
 @dataclass
@@ -42,6 +43,9 @@ class StructuredConfig:
     prompt_template: str = field(
         default="{instruction}\nSchema: {schema}\nInput: {input}",
         metadata={"help": "User message of a structured row; placeholders {instruction} {schema} {input}."})
+    schema_format: str = field(default="json", metadata={
+        "help": "How {schema} shows the row's schema: json (the JSON Schema, compact) | sketch (a short type "
+                "signature: keys, types, enum values, `?` for optional keys; bounds left out)."})
     table_instruction: str = field(
         default="Extract a table from the input. Reply with only the table.",
         metadata={"help": "Instruction used instead for table targets; {schema} becomes the column list."})
@@ -116,6 +120,8 @@ class DataConfig:
         st = self.structured
         if st.key_order not in KEY_ORDERS:
             out.append(f"data.structured.key_order={st.key_order!r}: use one of {', '.join(KEY_ORDERS)}")
+        if st.schema_format not in SCHEMA_FORMATS:
+            out.append(f"data.structured.schema_format={st.schema_format!r}: use json or sketch")
         if st.table_format not in TABLE_FORMATS:
             out.append(f"data.structured.table_format={st.table_format!r}: use markdown or csv")
         if st.indent is not None and st.indent < 0:

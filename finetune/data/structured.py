@@ -27,6 +27,53 @@ def compact(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
+_SKETCH_TYPES = {"string", "integer", "number", "boolean", "null"}
+
+
+def sketch(schema: Any) -> str:
+    """A short type signature of a JSON Schema for the prompt (data.structured.schema_format=sketch).
+
+    {"name":string,"email":string|null,"items":[{"product":string,"quantity":integer}],"currency":"EUR"|"USD"}
+    Keys not in `required` get a `?`; enums and consts are their JSON values; `format` shows as string<date>.
+    Bounds (maxLength, minimum, maxItems) are left out: the model needs the shape, and validation and
+    constrained decoding keep the full schema. A part it cannot sketch (refs, conditionals, pattern
+    properties) is shown as its compact JSON, so nothing is dropped silently.
+    """
+    if not isinstance(schema, dict):
+        return compact(schema)
+    if "const" in schema:
+        return compact(schema["const"])
+    if isinstance(schema.get("enum"), list):
+        return "|".join(compact(v) for v in schema["enum"])
+    for key in ("anyOf", "oneOf"):
+        if isinstance(schema.get(key), list) and set(schema) <= {key, "description", "title"}:
+            return "|".join(sketch(s) for s in schema[key])
+    kinds = schema.get("type")
+    kinds = kinds if isinstance(kinds, list) else [kinds] if kinds else []
+    if not kinds and isinstance(schema.get("properties"), dict):
+        kinds = ["object"]
+    if not kinds or not set(kinds) <= _SKETCH_TYPES | {"object", "array"} or any(
+            k in schema for k in ("$ref", "allOf", "if", "patternProperties", "not")):
+        return compact(schema)
+    parts = []
+    for kind in kinds:
+        if kind == "object":
+            props = schema.get("properties")
+            if not isinstance(props, dict) or not props:
+                parts.append("object")
+                continue
+            required = set(schema.get("required") or ())
+            fields = [f"{compact(k)}{'' if k in required else '?'}:{sketch(v)}" for k, v in props.items()]
+            parts.append("{" + ",".join(fields) + "}")
+        elif kind == "array":
+            parts.append(f"[{sketch(schema['items'])}]" if "items" in schema else "array")
+        elif kind == "string" and isinstance(schema.get("format"), str):
+            parts.append(f"string<{schema['format']}>")
+        else:
+            parts.append(kind)
+    return "|".join(parts)
+
+
 def fill_template(template: str, **values: str) -> str:
     # One regex pass, not str.format: user templates and inputs may contain JSON braces.
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
@@ -101,7 +148,8 @@ class StructuredBuilder:
                 raise RowError("non_finite" if "NaN" in problem else "lone_surrogate", problem)
             self._validate(value, schema)
             target = serialize(value, schema, self.cfg.key_order, self.cfg.indent)
-            schema_text = shown = compact(schema)
+            schema_text = compact(schema)
+            shown = sketch(schema) if self.cfg.schema_format == "sketch" else schema_text
             instruction, task = self.cfg.instruction, "structured"
         prompt = fill_template(self.cfg.prompt_template, instruction=instruction, schema=shown, input=text)
         msgs = [{"role": "user", "content": prompt.strip()}, {"role": "assistant", "content": target.strip()}]

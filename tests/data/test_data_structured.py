@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from finetune.data.structured import parse_table, render_table, serialize
+from finetune.data.structured import parse_table, render_table, serialize, sketch
 from finetune.errors import DataError
 from finetune.config.data import StructuredConfig
 
@@ -32,6 +32,27 @@ def test_row_becomes_prompt_with_schema_and_canonical_target(build, write_jsonl)
     assert msgs[1]["content"] == f"Do it. | {json.dumps(SCHEMA, separators=(',', ':'))} | Ann {{3}} {{x}}"
     assert row["target"] == msgs[2]["content"] == '{"name":"Ann","age":3,"tags":[{"k":"x","v":1}]}'
     assert json.loads(row["schema"]) == SCHEMA and row["task"] == "structured"
+
+
+def test_sketch_shows_keys_types_enums_and_optional_keys():
+    schema = {"type": "object", "required": ["id", "items", "cur", "when"], "properties": {
+        "id": {"type": "string", "maxLength": 12}, "note": {"type": ["string", "null"]},
+        "items": {"type": "array", "maxItems": 2, "items": {"type": "object", "required": ["q"],
+                                                            "properties": {"q": {"type": "integer"}}}},
+        "cur": {"enum": ["EUR", None]}, "when": {"type": "string", "format": "date"},
+        "kind": {"const": "a"}, "any": {"anyOf": [{"type": "integer"}, {"type": "boolean"}]},
+        "ref": {"$ref": "#/defs/x"}}}
+    assert sketch(schema) == ('{"id":string,"note"?:string|null,"items":[{"q":integer}],"cur":"EUR"|null,'
+                              '"when":string<date>,"kind"?:"a","any"?:integer|boolean,"ref"?:{"$ref":"#/defs/x"}}')
+
+
+def test_schema_format_sketch_goes_into_the_prompt_and_the_row_keeps_the_full_schema(build, write_jsonl):
+    path = write_jsonl([{"input": "Ann", "output": {"name": "Ann", "age": 3, "tags": []}, "schema": SCHEMA}])
+    row = build({"path": path, "format": "structured"},
+                structured=StructuredConfig(prompt_template="{schema}|{input}", schema_format="sketch")).train[0]
+    msgs = json.loads(row["messages"])
+    assert msgs[0]["content"] == '{"name"?:string,"age"?:integer,"tags"?:[{"k"?:string,"v"?:integer}]}|Ann'
+    assert json.loads(row["schema"]) == SCHEMA  # eval validates against the full schema
 
 
 def test_source_schema_inline_or_file(build, write_jsonl, tmp_path):
