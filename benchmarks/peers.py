@@ -12,7 +12,9 @@ benchmark reads it and reports a peer that did not install with that reason.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import math
 import os
 import re
 import shutil
@@ -79,7 +81,9 @@ PEERS = {
     # not declare.
     "torchtune": Peer("torchtune", ["torchtune==0.6.1", "torchao"], "torchtune"),
     # litgpt: Lightning Fabric, its own checkpoint format (converted from the HF folder first).
-    "litgpt": Peer("litgpt", ["litgpt==0.5.13"], "litgpt"),  # [extra] sent pip backtracking for 20+ min
+    # [extra] sent pip backtracking for 20+ min; its CLI imports requests (via jsonargparse) without declaring it.
+    # No bitsandbytes: Lightning refuses it without CUDA (LITGPT_NF4_ERROR).
+    "litgpt": Peer("litgpt", ["litgpt==0.5.13", "requests"], "litgpt"),
     # axolotl: transformers/trl underneath; 0.19.0 is the newest release this machine's index serves.
     "axolotl": Peer("axolotl", ["axolotl==0.19.0"], "axolotl"),
 }
@@ -232,12 +236,27 @@ def run_llamafactory(job: Job) -> dict:
                                                   "quantization_bit", "template")}}
 
 
+# axolotl 0.19 passes bf16 to transformers' TrainingArguments but has no key for its use_cpu, without which
+# TrainingArguments refuses bf16 on a machine without a GPU ("Your setup doesn't support bf16/gpu. You need to
+# assign use_cpu ..."; axolotl's own check only warns). A plugin (its documented extension point, listed under
+# `plugins:`) that adds use_cpu=True to the training arguments is what a CPU user has to write for bf16.
+AXOLOTL_CPU_PLUGIN = """from axolotl.integrations.base import BasePlugin
+
+
+class CPUTrainingArgs(BasePlugin):
+    def get_training_args(self, cfg):
+        return {"use_cpu": True}
+"""
+
+
 def run_axolotl(job: Job) -> dict:
     """`axolotl train` with its QLoRA and its best CPU settings: sample packing (multipack), gradient
-    checkpointing off, the tokenizer's own chat template, loss on the assistant turns."""
+    checkpointing off, the tokenizer's own chat template, loss on the assistant turns, bf16 when the project
+    computes in bf16 (through AXOLOTL_CPU_PLUGIN)."""
     out = Path(job.out_dir) / "axolotl"
     shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    (out / "plugins").mkdir(parents=True)
+    (out / "plugins" / "bench_axolotl_cpu.py").write_text(AXOLOTL_CPU_PLUGIN)
     warmup = {"warmup_ratio": job.warmup} if job.warmup < 1 else {"warmup_steps": int(job.warmup)}
     settings = {
         "base_model": job.model_dir, "load_in_4bit": True, "adapter": "qlora", "lora_r": job.r,
@@ -250,7 +269,8 @@ def run_axolotl(job: Job) -> dict:
         "learning_rate": job.learning_rate, "lr_scheduler": job.lr_scheduler, **warmup,
         "weight_decay": job.weight_decay, "max_grad_norm": job.max_grad_norm, "optimizer": "adamw_torch",
         "bf16": job.dtype == "bfloat16", "gradient_checkpointing": False, "output_dir": str(out / "run"),
-        "save_strategy": "no", "logging_steps": 1, "seed": job.seed, "sdp_attention": True, "use_cpu": True,
+        "save_strategy": "no", "logging_steps": 1, "seed": job.seed, "sdp_attention": True,
+        "plugins": ["bench_axolotl_cpu.CPUTrainingArgs"],
         # its fused LoRA kernels are on by default for QLoRA and dequantize through CUDA streams
         # (torch._C._cuda_getCurrentRawStream): off, as a CPU user has to
         "lora_qkv_kernel": False, "lora_o_kernel": False, "lora_mlp_kernel": False,
@@ -259,7 +279,8 @@ def run_axolotl(job: Job) -> dict:
     config.write_text(json.dumps(settings, indent=1))
     # one process on CPU: its default launcher (accelerate launch) only adds a process in between
     text = _cli("axolotl", ["axolotl", "train", str(config), "--launcher", "python"], out,
-                env={"CUDA_VISIBLE_DEVICES": "", "AXOLOTL_DO_NOT_TRACK": "1", "DO_NOT_TRACK": "1"})  # no telemetry
+                env={"CUDA_VISIBLE_DEVICES": "", "AXOLOTL_DO_NOT_TRACK": "1", "DO_NOT_TRACK": "1",  # no telemetry
+                     "PYTHONPATH": str(out / "plugins")})
     runtime = re.findall(r"'train_runtime': '?([0-9.]+)", text)
     per_s = re.findall(r"'train_steps_per_second': '?([0-9.]+)", text)  # its log has no step count
     adapter = out / "run"
@@ -268,14 +289,188 @@ def run_axolotl(job: Job) -> dict:
     steps = round(float(runtime[-1]) * float(per_s[-1])) if per_s else 0
     return {"train_s": float(runtime[-1]), "steps": steps, "quant": "nf4",
             "adapter_dir": str(adapter) if (adapter / "adapter_config.json").is_file() else None,
-            "settings": {k: settings[k] for k in ("sample_packing", "gradient_checkpointing", "bf16", "adapter")}}
+            "settings": {**{k: settings[k] for k in ("sample_packing", "gradient_checkpointing", "bf16", "adapter")},
+                         "use_cpu": "TrainingArguments(use_cpu=True) through a plugin (AXOLOTL_CPU_PLUGIN)"}}
 
 
-RUNNERS = {"llamafactory": run_llamafactory, "axolotl": run_axolotl}
+# litgpt's model classes take a config of its own; these HF model types map onto the named config of one model
+# of that family, changed where the HF config differs (the benchmark's random shapes, the tiny model).
+LITGPT_BASES = {"llama": "SmolLM2-135M-Instruct", "qwen2": "Qwen2.5-0.5B-Instruct"}
+# Job.template -> litgpt prompt style, both ChatML: smollm2 with SmolLM's default system prompt, as its template;
+# litgpt's plain ChatML (no system turn without a system message) is registered only as qwen3's style
+LITGPT_PROMPT_STYLES = {"smollm2": "smollm2", "chatml": "qwen3"}
+# `--quantize bnb.nf4`, tried with litgpt 0.5.13 + lightning 2.6.6 + bitsandbytes 0.50.2 on this CPU: Fabric's
+# connector refuses its BitsandbytesPrecision on any accelerator but CUDA (fabric/connector.py).
+LITGPT_NF4_ERROR = "RuntimeError: Bitsandbytes is only supported on CUDA GPUs."
+
+# Runs in litgpt's venv: argv = HF-derived fields (JSON), checkpoint dir, data dir, prompt style. Registers a
+# config when the model differs from its named base, converts with litgpt's convert_hf_checkpoint, and prints the
+# token lengths litgpt's own tokenizer + prompt style give the training rows (to size its batches).
+LITGPT_PREPARE = """
+import json, math, sys
+from pathlib import Path
+from litgpt.config import Config, name_to_config
+from litgpt.data.json_data import load_split
+from litgpt.prompts import PromptStyle
+from litgpt.scripts.convert_hf_checkpoint import convert_hf_checkpoint
+from litgpt.tokenizer import Tokenizer
+
+want, ckpt, data, style = json.loads(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
+base_name = want.pop("base")
+base, resolved = name_to_config[base_name], Config.from_name(base_name)
+same = lambda a, b: math.isclose(a, b, rel_tol=1e-6) if isinstance(a, float) or isinstance(b, float) else a == b
+diff = {k: v for k, v in want.items() if not same(getattr(resolved, k), v)}
+name = base_name
+if diff:
+    name = base_name + "-bench"  # keeps the prefix convert_hf_checkpoint picks its weight mapping by
+    if "padded_vocab_size" in diff:
+        diff["vocab_size"] = min(resolved.vocab_size, diff["padded_vocab_size"])
+    name_to_config[name] = {**base, **diff, "name": name}
+convert_hf_checkpoint(ckpt, model_name=name)
+tok, prompt_style = Tokenizer(ckpt), PromptStyle.from_name(style)
+lengths = [len(tok.encode(prompt_style.apply(prompt=r["instruction"], **r)))
+           + len(tok.encode(r["output"], bos=False, eos=True)) for r in load_split(data / "train.json")]
+print("LITGPT_PREPARE " + json.dumps({"model_name": name, "overrides": diff, "lengths": lengths}))
+"""
+
+
+def litgpt_fields(hf: dict) -> dict:
+    """litgpt Config fields of an HF config.json (llama or qwen2), with "base": the named litgpt config of that
+    family. PeerFailed for what litgpt's conversion would get wrong here (other architectures, rope scaling)."""
+    kind = hf.get("model_type")
+    rope = hf.get("rope_parameters") or {"rope_theta": hf.get("rope_theta"), "rope_type": "default"}
+    problems = []
+    if kind not in LITGPT_BASES:
+        problems.append(f"model_type {kind!r} (mapped: {', '.join(LITGPT_BASES)})")
+    if hf.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act {hf['hidden_act']!r}")
+    if rope.get("rope_type", "default") != "default" or hf.get("rope_scaling"):
+        problems.append(f"rope scaling {rope.get('rope_type') or hf.get('rope_scaling')!r}")
+    if hf.get("use_sliding_window") or hf.get("mlp_bias"):
+        problems.append("sliding window or MLP bias")
+    if problems:
+        raise PeerFailed("litgpt runner cannot map this HF config to a litgpt config: " + "; ".join(problems))
+    heads = hf["num_attention_heads"]
+    return {"base": LITGPT_BASES[kind], "n_layer": hf["num_hidden_layers"], "n_embd": hf["hidden_size"],
+            "n_head": heads, "n_query_groups": hf.get("num_key_value_heads") or heads,
+            "head_size": hf.get("head_dim") or hf["hidden_size"] // heads,
+            "intermediate_size": hf["intermediate_size"], "padded_vocab_size": hf["vocab_size"],
+            "block_size": hf["max_position_embeddings"], "rope_base": rope["rope_theta"],
+            "norm_eps": hf["rms_norm_eps"], "attn_bias": kind == "qwen2" or bool(hf.get("attention_bias")),
+            "bias": False}
+
+
+def litgpt_rows(jsonl: str) -> list[dict]:
+    """The messages rows as litgpt's single-turn SFT records: {"instruction", "output"[, "sys_prompt"]} (its
+    ChatML prompt styles take the system turn as sys_prompt). PeerFailed for multi-turn rows."""
+    out = []
+    for n, line in enumerate(Path(jsonl).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        turns = json.loads(line)["messages"]
+        system = [m["content"] for m in turns if m["role"] == "system"]
+        chat = [m for m in turns if m["role"] != "system"]
+        if [m["role"] for m in chat] != ["user", "assistant"] or len(system) > 1:
+            raise PeerFailed(f"litgpt's SFT data is one user turn and one reply; row {n} of {jsonl} has roles "
+                             f"{[m['role'] for m in turns]}")
+        out.append({"instruction": chat[0]["content"], "output": chat[1]["content"],
+                    **({"sys_prompt": system[0]} if system else {})})
+    return out
+
+
+def litgpt_schedule(job: Job, lengths: list[int]) -> tuple[int, int, int, int]:
+    """(micro-batch, optimizer steps, accumulation, warmup steps) for litgpt's unpacked rows of `lengths` tokens.
+
+    A step takes about as many rows as hold the project's packed micro_batch x accumulation x max_length tokens,
+    split evenly (the rows past the last full step are computed but never stepped on). At least 2 steps: its
+    scheduler (warmup then cosine over the remaining steps) divides by zero with one, and by a warmup of 0."""
+    micro = job.micro_batch
+    batches = -(-len(lengths) // micro)
+    if batches < 2:
+        raise PeerFailed(f"litgpt needs at least 2 micro-batches of {micro} rows; there are {len(lengths)} rows")
+    rows_per_step = job.micro_batch * job.accumulation * job.max_length / (sum(lengths) / len(lengths))
+    steps = max(2, round(batches / max(1.0, rows_per_step / micro)))
+    accumulation = batches // steps
+    warmup = math.ceil(job.warmup * steps) if job.warmup < 1 else int(job.warmup)
+    return micro, steps, accumulation, min(max(1, warmup), steps - 1)
+
+
+def run_litgpt(job: Job) -> dict:
+    """`litgpt finetune_lora` on the HF folder converted by litgpt's convert_hf_checkpoint, with its best CPU
+    settings: bf16-true (or 32-true) LoRA on every linear layer but the head, micro-batch job.micro_batch with
+    no padding to speak of, tokenization in the main process. It does not pack, so a step takes as many rows
+    as hold the project's tokens per step. LoRA on an unquantized base: its bnb.nf4 needs CUDA (LITGPT_NF4_ERROR)."""
+    out = Path(job.out_dir) / "litgpt"
+    shutil.rmtree(out, ignore_errors=True)
+    style = LITGPT_PROMPT_STYLES.get(job.template)
+    if style is None:
+        raise PeerFailed(f"no litgpt prompt style for template {job.template!r}")
+    want = litgpt_fields(json.loads((Path(job.model_dir) / "config.json").read_text()))
+    # its Tokenizer adds a BOS before SmolLM2's chat prompt when the folder is named SmolLM2*-Instruct, which
+    # the HF template does not: a neutral name keeps the rendering equal to the other arms'
+    ckpt, data = out / "checkpoint", out / "data"
+    ckpt.mkdir(parents=True)
+    for f in Path(job.model_dir).iterdir():
+        if f.is_file():
+            (ckpt / f.name).symlink_to(f.resolve())
+    data.mkdir()
+    for split, path in (("train", job.train_jsonl), ("val", job.val_jsonl)):
+        (data / f"{split}.json").write_text(json.dumps(litgpt_rows(path)), encoding="utf-8")
+    (out / "prepare.py").write_text(LITGPT_PREPARE)
+    text = _cli("litgpt", ["python", str(out / "prepare.py"), json.dumps(want), str(ckpt), str(data), style],
+                out / "prepare")
+    found = [ln for ln in text.splitlines() if ln.startswith("LITGPT_PREPARE ")]
+    if not found:
+        raise PeerFailed("litgpt's checkpoint conversion printed no LITGPT_PREPARE line (see prepare/cli.log)")
+    prep = json.loads(found[-1][len("LITGPT_PREPARE "):])
+    lengths = prep["lengths"]
+    micro, steps, accumulation, warmup = litgpt_schedule(job, lengths)
+    config = {
+        "checkpoint_dir": str(ckpt), "out_dir": str(out / "run"),
+        "precision": "bf16-true" if job.dtype == "bfloat16" else "32-true", "quantize": None, "devices": 1,
+        "lora_r": int(job.r), "lora_alpha": int(job.lora_alpha),  # its CLI takes ints (the project's alpha is 32.0)
+        "lora_dropout": job.lora_dropout, "lora_query": True,
+        "lora_key": True, "lora_value": True, "lora_projection": True, "lora_mlp": True, "lora_head": False,
+        "data": {"class_path": "litgpt.data.JSON", "init_args": {
+            "json_path": str(data), "mask_prompt": True, "prompt_style": style, "seed": job.seed, "num_workers": 0}},
+        "train": {"save_interval": None, "log_interval": 1, "global_batch_size": micro * accumulation,
+                  "micro_batch_size": micro, "lr_warmup_steps": warmup,
+                  "epochs": 1, "max_seq_length": job.max_length},
+        # no evaluation during the epoch; the final one (after the timed part) gives peer_val_loss. One new
+        # token for the sample generation it runs at the end of the epoch, inside its training time.
+        "eval": {"interval": 10 ** 9, "max_new_tokens": 1, "initial_validation": False, "final_validation": True},
+        "optimizer": {"class_path": "torch.optim.AdamW",
+                      "init_args": {"lr": job.learning_rate, "weight_decay": job.weight_decay}},
+        "logger_name": "csv", "seed": job.seed,
+    }
+    (out / "finetune.yaml").write_text(json.dumps(config, indent=1))  # JSON is valid YAML
+    text = _cli("litgpt", ["litgpt", "finetune_lora", "--config", str(out / "finetune.yaml")], out,
+                env={"CUDA_VISIBLE_DEVICES": ""})
+    train_s = re.findall(r"Training Time\s*:\s*([0-9.]+) s", text)
+    logged = re.findall(r"\| iter \d+ step (\d+) \|", text)
+    if not train_s:
+        raise PeerFailed("litgpt finetune_lora finished without a Training Time in its log")
+    val = re.findall(r"Final evaluation \| val loss: ([0-9.]+)", text)  # 3 decimals; its CSV log has them all
+    for path in sorted((out / "run").glob("logs/csv/*/metrics.csv")):
+        val += [r["val_loss"] for r in csv.DictReader(path.open()) if r.get("val_loss")]
+    return {"train_s": float(train_s[-1]), "steps": int(logged[-1]) if logged else 0,
+            "quant": f"none (bnb.nf4 needs CUDA in litgpt: {LITGPT_NF4_ERROR})", "adapter_dir": None,
+            **({"peer_val_loss": float(val[-1])} if val else {}),
+            "settings": {"precision": config["precision"], "model_config": prep["model_name"],
+                         "config_overrides": prep["overrides"], "prompt_style": style,
+                         "micro_batch": micro, "accumulation": accumulation, "rows": len(lengths),
+                         "mean_row_tokens": round(sum(lengths) / len(lengths), 1), "lora": "qkv,o,mlp (not head)",
+                         "lr_schedule": f"linear warmup {warmup} steps + cosine (its only one)",
+                         "max_grad_norm": "none (finetune_lora has no clipping)",
+                         "val_loss_note": "litgpt's final validation: mean over val micro-batches of the "
+                                          "label-token mean loss, bf16/fp32 as trained (not label-token-weighted "
+                                          "over rows like the other arms' val_loss)"}}
+
+
+RUNNERS = {"llamafactory": run_llamafactory, "axolotl": run_axolotl, "litgpt": run_litgpt}
 NO_RUNNER = {
     "torchtune": "torchtune trains its own model classes, so SmolLM2 needs a hand-written builder and its GPT-2 "
                  "style tokenizer has no torchtune class (its Qwen2 tokenizer hard-codes Qwen's special-token ids)",
-    "litgpt": "litgpt needs the HF folder converted to its own checkpoint format and a prompt style per model",
 }
 
 
