@@ -97,6 +97,74 @@ def test_target_loss_equals_transformers_loss_token_weighted(model_and_val):
     assert batched["target_perplexity"] == pytest.approx(torch.tensor(batched["target_loss"]).exp().item())
 
 
+def test_target_loss_scored_in_the_generation_prefill_equals_its_own_pass(model_and_val, caplog):
+    """eval scores each target teacher-forced in the prefill that starts its generation: the loss equals
+    target_loss()'s separate pass and the replies equal those of a plain prefill (fp32, batches of 3 and 8)."""
+    from finetune.generate.generation import can_share_prefill
+
+    model, tok, val = model_and_val
+    assert can_share_prefill(model) is None
+    rows = [dict(r) for r in val]
+    reference = target_loss(model, rows)
+    for batch in (3, 8):
+        _, plain_cfg = make_cfg("eval.loss=false", f"eval.batch_size={batch}")
+        _, cfg = make_cfg(f"eval.batch_size={batch}")
+        plain, plain_preds = evaluate_model(model, tok, val, plain_cfg)
+        with caplog.at_level("INFO", logger="finetune.eval"):
+            shared, preds = evaluate_model(model, tok, val, cfg)
+        # the multi-turn row has a labelled reply inside its prompt: scored by target_loss() alone
+        assert "target loss of 7 rows scored in the same prefill; the other 1 in" in caplog.text
+        assert shared["target_tokens"] == reference["target_tokens"] > 0
+        assert shared["target_loss"] == pytest.approx(reference["target_loss"], rel=1e-5)
+        assert shared["target_perplexity"] == pytest.approx(reference["target_perplexity"], rel=1e-5)
+        assert [p["generated"] for p in preds] == [p["generated"] for p in plain_preds]
+        assert "target_loss" not in plain
+
+
+def test_the_cut_back_prefill_cache_continues_like_a_plain_prefill(model_and_val):
+    """The cache _prefill_scoring leaves holds the prompt but its last column, with the positions a plain
+    left-padded prefill gives: feeding that column next reproduces the plain prefill's next-token logits."""
+    from finetune.data import render_prompt
+    from finetune.evaluation.run import _continuations
+    from finetune.generate.generation import _cache_kwarg, _prefill_scoring
+
+    model, tok, val = model_and_val
+    rows = [dict(r) for r in val][:3]
+    prompts = [render_prompt(tok, json.loads(r["messages"])[:-1]) for r in rows]
+    width = max(map(len, prompts))
+    ids = torch.zeros((3, width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
+    _ck = _cache_kwarg(model)
+    with torch.inference_mode():
+        cache, nll = _prefill_scoring(model, ids, mask, _continuations(rows, prompts))
+        assert cache.get_seq_length() == width - 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        nxt = model(input_ids=ids[:, -1:], attention_mask=mask, position_ids=pos[:, -1:], **{_ck: cache})
+        ref = model(input_ids=ids, attention_mask=mask, position_ids=pos)
+    assert torch.allclose(nxt.logits[:, -1], ref.logits[:, -1], atol=1e-5)
+    loss = target_loss(model, rows)
+    assert sum(n for _, n in nll) == loss["target_tokens"]
+    assert sum(x for x, _ in nll) / loss["target_tokens"] == pytest.approx(loss["target_loss"], rel=1e-5)
+
+
+def test_models_whose_cache_or_head_the_shared_prefill_cannot_handle_are_refused(model_and_val):
+    from finetune.generate.generation import can_share_prefill
+
+    model, _, _ = model_and_val
+    text = model.config.get_text_config()
+    try:
+        text.final_logit_softcapping = 30.0
+        assert "final_logit_softcapping" in can_share_prefill(model)
+        text.final_logit_softcapping = None
+        text.layer_types = ["full_attention", "sliding_attention"]
+        assert "sliding" in can_share_prefill(model)
+    finally:
+        text.final_logit_softcapping = None
+        text.layer_types = ["full_attention"] * text.num_hidden_layers
+
+
 def test_each_row_is_scored_against_its_own_target(model_and_val, monkeypatch):
     """A generator that answers every prompt with that row's target scores 1.0 everywhere; one that swaps
     a field loses exactly that field. The prompt it sees must not already contain the reply."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import dataclasses
 import json
+import math
 import logging
 import time
 from pathlib import Path
@@ -109,15 +110,30 @@ def _constraint(cfg: FinetuneConfig, model: Any, tokenizer: Any, rows: list[dict
     return schema_processor_factory(tokenizer, [json.loads(r["schema"]) for r in rows], vocab)
 
 
-def _generate(cfg: FinetuneConfig, model: Any, tokenizer: Any, rows: list[dict]) -> list:
+def _continuations(rows: list[dict], prompts: list[list[int]]) -> list[tuple[list[int], list[int]] | None]:
+    """Each row's tokens after its generation prompt with their label mask; None for a row that does not start
+    with its prompt or has a label inside it (target_loss() scores those in a pass of their own). Templates that
+    render history differently from a generation prompt fail the first test, multi-turn rows trained on every
+    assistant turn the second."""
+    out = []
+    for r, p in zip(rows, prompts):
+        ids = list(r.get("input_ids") or ())
+        fits = len(ids) > len(p) and ids[:len(p)] == list(p) and not any(r["assistant_masks"][:len(p)])
+        out.append((ids[len(p):], list(r["assistant_masks"][len(p):])) if fits else None)
+    return out
+
+
+def _generate(cfg: FinetuneConfig, model: Any, tokenizer: Any, rows: list[dict], *, scored: bool = False):
     """Generations for `rows`, in order (greedy unless eval.do_sample); structured rows constrained when
-    eval.constrain=json_schema."""
+    eval.constrain=json_schema. With `scored`, each row's target is also scored teacher-forced in the same
+    prefill where the model and template allow it (generate(score=...)); the second value says whether it was."""
     from finetune.data import render_prompt
-    from finetune.generate.generation import generate
+    from finetune.generate.generation import can_share_prefill, generate
 
     # Tool-call rows render their tool definitions into the prompt, as in training.
     prompts = [render_prompt(tokenizer, json.loads(r["messages"])[:-1], json.loads(r["tools"]) if r.get("tools")
                              else None) for r in rows]
+    conts = _continuations(rows, prompts) if scored and can_share_prefill(model) is None else None
     e = cfg.eval
     kw: dict[str, Any] = dict(max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, desc="eval: generate")
     if e.do_sample:
@@ -127,17 +143,19 @@ def _generate(cfg: FinetuneConfig, model: Any, tokenizer: Any, rows: list[dict])
         kw.update(do_sample=True, temperature=e.temperature, top_p=e.top_p)
     constrained = [i for i, r in enumerate(rows) if r["task"] == "structured" and r["schema"]]
     if cfg.eval.constrain == "none" or not constrained:
-        return generate(model, tokenizer, prompts, **kw)
+        return generate(model, tokenizer, prompts, score=conts, **kw), conts is not None
     # Only structured rows have a schema to enforce; the others run unconstrained in their own batches.
     free = sorted(set(range(len(rows))) - set(constrained))
     out: list = [None] * len(rows)
     sub = [rows[i] for i in constrained]
     for i, g in zip(constrained, generate(model, tokenizer, [prompts[i] for i in constrained],
-                                          logits_processor_factory=_constraint(cfg, model, tokenizer, sub), **kw)):
+                                          logits_processor_factory=_constraint(cfg, model, tokenizer, sub),
+                                          score=[conts[i] for i in constrained] if conts else None, **kw)):
         out[i] = g
-    for i, g in zip(free, generate(model, tokenizer, [prompts[i] for i in free], **kw)):
+    for i, g in zip(free, generate(model, tokenizer, [prompts[i] for i in free],
+                                   score=[conts[i] for i in free] if conts else None, **kw)):
         out[i] = g
-    return out
+    return out, conts is not None
 
 
 def evaluate_model(model: Any, tokenizer: Any, val: Any, cfg: FinetuneConfig) -> tuple[dict, list[dict]]:
@@ -154,7 +172,8 @@ def evaluate_model(model: Any, tokenizer: Any, val: Any, cfg: FinetuneConfig) ->
     if cfg.eval.max_samples:
         rows = rows[: cfg.eval.max_samples]
     started = time.perf_counter()
-    gens = _generate(cfg, model, tokenizer, rows)
+    want_loss = bool(cfg.eval.loss and rows and "input_ids" in rows[0])
+    gens, scored = _generate(cfg, model, tokenizer, rows, scored=want_loss)
     seconds = time.perf_counter() - started
     preds = []
     for r, g in zip(rows, gens):
@@ -165,8 +184,25 @@ def evaluate_model(model: Any, tokenizer: Any, val: Any, cfg: FinetuneConfig) ->
     metrics = aggregate(preds)
     new_tokens = sum(p["new_tokens"] for p in preds)
     metrics["generated_tokens_per_s"] = new_tokens / seconds if seconds > 0 else 0.0
-    if cfg.eval.loss and rows and "input_ids" in rows[0]:
+    timing = f"eval: {len(rows)} rows, {new_tokens} new tokens in {seconds:.1f} s"
+    if scored:  # the target loss came with the generation prefill, but for rows it could not score
+        started = time.perf_counter()
+        total, count = sum(g.target_nll for g in gens), sum(g.target_tokens for g in gens)
+        rest = [r for r, g in zip(rows, gens) if g.target_tokens == 0]
+        if rest:
+            other = target_loss(model, rest, cfg.eval.loss_tokens_per_batch)
+            if other:
+                total, count = total + other["target_loss"] * other["target_tokens"], count + other["target_tokens"]
+        if count:
+            mean = total / count
+            metrics.update(target_loss=mean, target_perplexity=math.exp(mean), target_tokens=count)
+        timing += (f" (target loss of {len(rows) - len(rest)} rows scored in the same prefill; the other "
+                   f"{len(rest)} in {time.perf_counter() - started:.1f} s)")
+    elif want_loss:
+        started = time.perf_counter()
         metrics.update(target_loss(model, rows, cfg.eval.loss_tokens_per_batch))
+        timing += f"; target loss in {time.perf_counter() - started:.1f} s"
+    log.info(timing)
     return metrics, preds
 
 

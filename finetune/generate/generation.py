@@ -25,6 +25,9 @@ class Generation:
     new_tokens: int
     stopped: bool  # ended at an end-of-turn / eos token (not cut by max_new_tokens)
     token_ids: list[int] = field(default_factory=list)  # the generated ids, stop token excluded
+    # with generate(score=...): summed cross-entropy (nats) of the scored continuation's label tokens, and their count
+    target_nll: float = 0.0
+    target_tokens: int = 0
 
 
 def end_of_turn_id(tokenizer) -> Optional[int]:
@@ -73,6 +76,7 @@ def generate(
     logits_processor_factory: Optional[Callable[[list[int]], Any]] = None,
     streamer=None,
     desc: str = "generate",
+    score: Optional[Sequence[Optional[tuple[list[int], list[int]]]]] = None,
 ) -> list[Generation]:
     """Generate a reply for each tokenized prompt; results come back in input order.
 
@@ -81,6 +85,12 @@ def generate(
     `indices` of one batch (schema-constrained decoding uses that). `streamer` (a transformers
     TextStreamer) prints tokens as they come; it needs batch_size=1. `desc` names the progress bar (one
     step per batch; none for a single batch, nor with a streamer, whose tokens are the progress).
+
+    `score[i] = (continuation ids, label mask)` (or None): also score that continuation of prompt i teacher-forced
+    (eval's target loss) in the same prefill: each batch runs once over prompt + continuation, the continuation's label
+    tokens give `target_nll` / `target_tokens`, and the KV cache, cut back to the prompt, starts the decoding.
+    The demo's eval otherwise prefilled its 70 prompts twice per model (loss pass and generation). Callers
+    check `can_share_prefill(model)` first.
     """
     import torch
 
@@ -111,7 +121,11 @@ def generate(
             kwargs.update(temperature=None, top_p=None, top_k=None)
         if logits_processor_factory is not None:
             kwargs["logits_processor"] = logits_processor_factory(idx)
+        nll = [(0.0, 0)] * len(idx)
         with torch.inference_mode():
+            if score is not None and any(score[i] for i in idx):
+                cache, nll = _prefill_scoring(model, ids, mask, [score[i] or ([], []) for i in idx])
+                kwargs[_cache_kwarg(model)] = cache
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
         for row, i in enumerate(idx):
             new = out[row, width:].tolist()
@@ -120,8 +134,79 @@ def generate(
                 if tok in stops:
                     new, stopped = new[:k], True
                     break
-            results[i] = Generation(tokenizer.decode(new, skip_special_tokens=True), len(new), stopped, new)
+            results[i] = Generation(tokenizer.decode(new, skip_special_tokens=True), len(new), stopped, new,
+                                    target_nll=nll[row][0], target_tokens=nll[row][1])
     return results  # type: ignore[return-value]
+
+
+def can_share_prefill(model) -> Optional[str]:
+    """Why generate(score=...) cannot run on `model` (None when it can): it projects the decoder's hidden states
+    with the output embeddings itself, and cuts a cache whose layers keep every position."""
+    from finetune.train.loss_head import supported
+
+    why = supported(model)
+    if why:
+        return why
+    if getattr(model, "peft_config", None):
+        return "an unmerged peft adapter (eval scores merged models)"
+    if model.get_output_embeddings() is None:
+        return "the model has no output embeddings"
+    text = model.config.get_text_config()
+    kinds = set(getattr(text, "layer_types", None) or ["full_attention"])
+    if kinds != {"full_attention"} or getattr(text, "use_sliding_window", False):
+        return f"its attention layers are {sorted(kinds)} (a sliding-window cache cannot be cut back)"
+    return None
+
+
+def _cache_kwarg(model) -> str:
+    """The name this transformers gives the KV-cache argument: `cache` (5.24 deprecates `past_key_values`, which
+    it still takes until 5.40, with a warning per call) or `past_key_values`."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
+def _prefill_scoring(model, ids, mask, conts: list[tuple[list[int], list[int]]]):
+    """One forward over the left-padded prompts `ids` followed by each row's continuation (right-padded).
+
+    Returns (the KV cache cut back to all but the last prompt column, which generate() then feeds itself,
+    [(summed NLL, label tokens)] per row). Positions follow generate()'s own rule for left padding
+    (cumulative mask - 1), so the cached keys are the ones a plain prefill would have made.
+    """
+    import torch
+    import torch.nn.functional as F
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    device = next(model.parameters()).device
+    b, width = ids.shape
+    tail = max(len(c) for c, _ in conts)
+    cont = torch.zeros((b, tail), dtype=torch.long)
+    cont_mask = torch.zeros((b, tail), dtype=torch.long)
+    labels = torch.full((b, tail), -100, dtype=torch.long)
+    for row, (c, m) in enumerate(conts):
+        cont[row, :len(c)] = torch.tensor(c, dtype=torch.long)
+        cont_mask[row, :len(c)] = 1
+        labels[row, :len(c)] = torch.where(torch.tensor(m, dtype=torch.long) > 0, cont[row, :len(c)], -100)
+    full, full_mask = torch.cat([ids, cont], 1).to(device), torch.cat([mask, cont_mask], 1).to(device)
+    positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=model.config)
+    hidden = model.get_decoder()(input_ids=full, attention_mask=full_mask, position_ids=positions,
+                                 use_cache=True, **{_cache_kwarg(model): cache}).last_hidden_state
+    # column width-1+t (the last prompt token, then the continuation) predicts continuation token t
+    hidden, labels = hidden[:, width - 1:width - 1 + tail], labels.to(device)
+    head = model.get_output_embeddings()
+    sums = torch.zeros(b, dtype=torch.float64, device=device)
+    chunk = max(1, (64 << 20) // (4 * head.weight.shape[0] * b))  # columns per chunk: 64 MB of fp32 logits
+    for start in range(0, tail, chunk):
+        logits = head(hidden[:, start:start + chunk]).float()
+        gold = labels[:, start:start + chunk]
+        sums += F.cross_entropy(logits.transpose(1, 2), gold, ignore_index=-100, reduction="none").sum(1).double()
+    if any(type(layer) is not DynamicLayer for layer in cache.layers):
+        raise FinetuneError(f"generate(score=...): {type(model).__name__}'s cache has layers that cannot be cut back")
+    cache.crop(-(tail + 1))  # keep prompt columns 0..width-2; generate() runs the last one and goes on
+    counts = (labels != -100).sum(1).tolist()
+    return cache, [(float(x), int(n)) for x, n in zip(sums.tolist(), counts)]
 
 
 def load_merged(path: Path, device: str, dtype):
