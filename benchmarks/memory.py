@@ -26,7 +26,7 @@ packed row each:
 
 The headline `ratio` is qlora_bf16 / lora16: the same (bf16) compute dtype in both arms, so it measures the 4-bit
 storage alone; `ratio_auto_compute` uses the qlora arm (compute_dtype auto: what `finetune train` picks on this
-CPU), `project_vs_stock` is qlora_bf16 / stock_qlora. Each is reported per sequence length (64, 512 and 2,048
+CPU; where auto picks bf16 that arm is qlora_bf16 and runs once), `project_vs_stock` is qlora_bf16 / stock_qlora. Each is reported per sequence length (64, 512 and 2,048
 tokens: activations grow with it and the weights' share falls); the headline figures are at the longest one.
 
 Each arm reports, above its own resident memory after imports: the loading peak, the resident memory after
@@ -302,6 +302,12 @@ def main(argv: list[str] | None = None) -> dict | None:
             run(me + ["build"], "building the random model")
             print(f"built the random {args.size}-shape model in {time.perf_counter() - started:.0f} s", flush=True)
         copy16 = model_bytes(root) / MB
+        if "qlora" in args.arms and "qlora_bf16" in args.arms and auto_compute_dtype() == "bfloat16":
+            # compute_dtype=auto picks bf16 on this CPU: the qlora arm would be the qlora_bf16 arm run again
+            # (3 of the 12 processes of `--quick`, about 140 s of make bench, 2026-12-02)
+            args.arms = [a for a in args.arms if a != "qlora"]
+            args.auto_is_bf16 = True
+            print("compute_dtype auto -> bfloat16 here: the qlora arm is qlora_bf16, measured once", flush=True)
         by_len = {}
         for seq_len in args.seq_lens:
             by_len[seq_len] = {}
@@ -315,9 +321,18 @@ def main(argv: list[str] | None = None) -> dict | None:
             shutil.rmtree(root, ignore_errors=True)
 
 
-def ratios(arms: dict, copy16: float) -> dict:
+def auto_compute_dtype() -> str:
+    """What quant.compute_dtype=auto resolves to on this CPU (finetune.models.cpu's check, cached per CPU model)."""
+    from finetune.models.load import resolve_dtype
+
+    return str(resolve_dtype("auto", "cpu")).replace("torch.", "")
+
+
+def ratios(arms: dict, copy16: float, auto_is_bf16: bool = False) -> dict:
     """Peaks and ratios of one sequence length."""
     q16, l16 = arms["qlora_bf16"], arms["lora16"]
+    if auto_is_bf16 and "qlora" not in arms:
+        arms = {**arms, "qlora": q16}
     out = {"qlora_bf16_peak_mb": peak(q16), "lora16_peak_mb": peak(l16), "ratio": round(peak(q16) / peak(l16), 2)}
     if "qlora" in arms:
         out.update(qlora_peak_mb=peak(arms["qlora"]), ratio_auto_compute=round(peak(arms["qlora"]) / peak(l16), 2),
@@ -341,7 +356,7 @@ def report(by_len: dict, copy16: float, args) -> dict:
             print(f"{seq_len:6d} {r['arm']:12s} {r['compute_dtype']:>8s} {r['load_peak_mb']:9d} "
                   f"{r['load_peak_anon_mb']:7d} {r['loaded_mb']:7d} {peak(r):8d} {r['train_peak_anon_mb']:10d} "
                   f"{r['load_s']:6.1f} {r['step_s']:6.1f}")
-    per_len = {str(n): ratios(arms, copy16) for n, arms in by_len.items()}
+    per_len = {str(n): ratios(arms, copy16, getattr(args, "auto_is_bf16", False)) for n, arms in by_len.items()}
     longest = str(max(by_len))
     result = {"size": args.size, "steps": args.steps, "seq_len": int(longest), "bf16_copy_mb": round(copy16),
               **per_len[longest], "ratio_max": max(v["ratio"] for v in per_len.values()), "by_seq_len": per_len}

@@ -1,11 +1,13 @@
 """`make bench`: every CPU benchmark in its own subprocess, then one table of the headline figures and goals.
 
-    python benchmarks/run_all.py                      # quick sizes, under 10 minutes on 2 idle cores
+    python benchmarks/run_all.py                      # quick sizes (goal: 15 minutes on 2 idle cores)
     python benchmarks/run_all.py --full               # each benchmark's own default size (much longer)
     python benchmarks/run_all.py --only memory,train_throughput --out bench.json
 
 Benchmarks: preprocess.py (data stage, cold vs warm cache), generate.py (generation; skipped when the file is
-absent), generate_engines.py (batched generation vs llama.cpp on the exported GGUF), train_throughput.py (project vs trl defaults, trl's best settings and peer frameworks),
+absent), generate_engines.py (batched generation vs llama.cpp on the exported GGUF), train_throughput.py (project
+vs trl defaults, trl's best settings and peer frameworks on SmolLM2; train_throughput_qwen runs the same script on
+the Qwen2.5-0.5B shape against trl's best only),
 memory.py (QLoRA vs 16-bit LoRA vs stock peft+trl). Each prints one JSON
 object as its last stdout line; a benchmark that fails or times out gets a FAILED row and the others still run.
 A missed goal is a finding, not a failure: the exit status is 1 only when a benchmark did not produce its JSON.
@@ -39,6 +41,12 @@ class Bench:
     goals: list[tuple[str, str, float]] = field(default_factory=list)  # (JSON key, ">=" or "<=", bound)
     shown: list[str] = field(default_factory=list)  # extra JSON keys worth a row
     timeout_s: int = 420
+    script: str = ""  # benchmarks/<script>.py; the name when empty (two entries may run one script)
+    in_full: bool = True  # False: a quick-only entry whose figures --full's run of the script already covers
+
+    @property
+    def path(self) -> Path:
+        return HERE / f"{self.script or self.name}.py"
 
 
 # Quick arguments: wall seconds measured on the shared 2-core development machine with OMP_NUM_THREADS=1
@@ -53,13 +61,21 @@ BENCHES = [
     Bench("generate_engines", ["--rows", "24", "--new-tokens", "48"], [("batched_vs_llamacpp_best", ">=", 2)],
           ["project_batched_tokens_per_s", "project_b1_tokens_per_s", "llamacpp_best_tokens_per_s",
            "llamacpp_f16_same_outputs"], timeout_s=420),
-    # SmolLM2 (the real model): 3 trl/project arms + the peers `make peers` installed. Timed alone 2026-12-02 at
-    # --quick's 96 rows: trl_default 9 min, trl_best 4 min, project 2.5 min; 48 rows keep make bench near 15 min.
-    Bench("train_throughput", ["--quick", "--rows", "48"],
+    # SmolLM2 (the real model): 3 trl/project arms + the peers `make peers` installed (LLaMA-Factory, axolotl,
+    # litgpt). Timed alone 2026-12-02 at 48 rows with 4 arms: 763 s (trl_default alone 272 s of training).
+    Bench("train_throughput", ["--quick", "--rows", "32"],
           [("ratio_vs_trl_best", ">=", 1.5), ("val_loss_rel_diff_vs_trl_best", "<=", 0.01)],
-          ["ratio_vs_trl_default", "ratio_vs_llamafactory", "project_label_tokens_per_s", "trl_best_label_tokens_per_s",
-           "project_val_loss", "trl_best_val_loss", "project_peak_rss_mb", "trl_best_peak_rss_mb", "project_mfu",
-           "trl_best_mfu", "matmul_peak_gflops"], timeout_s=900),
+          ["ratio_vs_trl_default", "ratio_vs_llamafactory", "ratio_vs_axolotl", "ratio_vs_litgpt",
+           "project_label_tokens_per_s", "trl_best_label_tokens_per_s", "project_val_loss", "trl_best_val_loss",
+           "project_peak_rss_mb", "trl_best_peak_rss_mb", "project_mfu", "trl_best_mfu", "matmul_peak_gflops"],
+          timeout_s=900),
+    # The Qwen2.5-0.5B shape (random weights, 151,936-word vocabulary), project against trl's best only: one
+    # 2,048-token step of this shape is about 4 TFLOP, some 40 s here. --full runs it inside train_throughput.
+    Bench("train_throughput_qwen", ["--models", "qwen2.5-0.5b", "--rows", "12", "--arms", "trl_best,project",
+                                    "--peers", "none"],
+          [("ratio_vs_trl_best", ">=", 1.5), ("val_loss_rel_diff_vs_trl_best", "<=", 0.01)],
+          ["project_label_tokens_per_s", "trl_best_label_tokens_per_s", "project_mfu", "trl_best_mfu"],
+          timeout_s=600, script="train_throughput", in_full=False),
     Bench("memory", ["--quick"], [("ratio", "<=", 0.5)],
           ["ratio_max", "project_vs_stock", "ratio_auto_compute", "qlora_bf16_peak_mb", "lora16_peak_mb",
            "stock_qlora_peak_mb", "qlora_load_peak_anon_mb", "bf16_copy_mb", "qlora_load_below_bf16_copy"],
@@ -69,8 +85,7 @@ BENCHES = [
 
 def run_one(bench: Bench, full: bool) -> tuple[dict | None, float, str]:
     """(its final JSON or None, wall seconds, error text)."""
-    script = HERE / f"{bench.name}.py"
-    cmd = [sys.executable, str(script), *([] if full else bench.quick)]
+    cmd = [sys.executable, str(bench.path), *([] if full else bench.quick)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     print(f"== {bench.name}: {' '.join(cmd[1:])}", flush=True)
     started = time.perf_counter()
@@ -151,9 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not wanted:
         p.error(f"--only {args.only!r}: choose from {', '.join(names)}")
     benches = [b for b in BENCHES if b.name in wanted]
-    missing = [b.name for b in benches if not (HERE / f"{b.name}.py").is_file()]
-    for name in missing:
-        print(f"== {name}: skipped, benchmarks/{name}.py is not in this checkout", flush=True)
+    if args.full:
+        benches = [b for b in benches if b.in_full]
+    missing = [b.name for b in benches if not b.path.is_file()]
+    for b in benches:
+        if b.name in missing:
+            print(f"== {b.name}: skipped, benchmarks/{b.path.name} is not in this checkout", flush=True)
     benches = [b for b in benches if b.name not in missing]
     machine = describe_machine()
     print(f"== {machine['date']}: {machine['cpu']}; torch capability {machine['capability']}, bf16 flags "

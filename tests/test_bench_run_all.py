@@ -70,8 +70,25 @@ def test_full_passes_no_quick_arguments(tmp_path, monkeypatch, capsys):
 def test_every_cpu_benchmark_is_in_the_run():
     ra = _module()
     names = [b.name for b in ra.BENCHES]
-    assert names == ["preprocess", "generate", "generate_engines", "train_throughput", "memory"]
-    assert all((ROOT / "benchmarks" / f"{n}.py").is_file() for n in names if n != "generate")
+    assert names == ["preprocess", "generate", "generate_engines", "train_throughput", "train_throughput_qwen",
+                     "memory"]
+    assert all(b.path.is_file() for b in ra.BENCHES if b.name != "generate")
+    qwen = next(b for b in ra.BENCHES if b.name == "train_throughput_qwen")
+    assert qwen.path.name == "train_throughput.py" and "qwen2.5-0.5b" in qwen.quick and not qwen.in_full
+
+
+def test_an_entry_runs_its_script_and_quick_only_entries_stay_out_of_full(tmp_path, monkeypatch, capsys):
+    ra = _module()
+    _fake(tmp_path, "shared", "print(json.dumps({'args': sys.argv[1:]}))\n")
+    monkeypatch.setattr(ra, "HERE", tmp_path)
+    monkeypatch.setattr(ra, "BENCHES", [ra.Bench("a", ["--x"], script="shared"),
+                                        ra.Bench("b", ["--y"], script="shared", in_full=False)])
+    assert ra.main([]) == 0
+    combined = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert combined["a"]["args"] == ["--x"] and combined["b"]["args"] == ["--y"]
+    assert ra.main(["--full"]) == 0
+    combined = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert combined["a"]["args"] == [] and "b" not in combined and set(combined["seconds"]) == {"a"}
 
 
 def test_unknown_benchmark_name_is_refused():
