@@ -52,3 +52,17 @@ def test_bad_arms_are_refused_with_the_reason(tmp_path):
     assert proc.returncode == 2 and "including qlora_bf16 and lora16" in proc.stderr
     proc = _run("--seq-lens", "64,x", cwd=tmp_path, timeout=60)
     assert proc.returncode == 2 and "comma-separated integers" in proc.stderr
+
+
+def test_where_auto_picks_bf16_the_qlora_figures_are_the_qlora_bf16_arm():
+    """The qlora arm (compute_dtype auto) is skipped where auto resolves to bf16; its figures are qlora_bf16's."""
+    from tests.support import load_script
+
+    memory = load_script(SCRIPT, "bench_memory")
+    arm = lambda peak, dtype: {"load_peak_anon_mb": 10, "loaded_mb": 20, "train_peak_mb": peak,  # noqa: E731
+                               "compute_dtype": dtype}
+    arms = {"qlora_bf16": arm(300, "bfloat16"), "lora16": arm(600, "bfloat16")}
+    out = memory.ratios(arms, copy16=50.0, auto_is_bf16=True)
+    assert out["ratio"] == out["ratio_auto_compute"] == 0.5 and out["qlora_peak_mb"] == 300
+    assert out["qlora_compute_dtype"] == "bfloat16" and out["qlora_load_below_bf16_copy"] is True
+    assert "ratio_auto_compute" not in memory.ratios(arms, copy16=50.0)  # fp32 auto: the arm must run
