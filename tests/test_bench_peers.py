@@ -218,9 +218,13 @@ def test_litgpt_prompt_style_renders_the_models_chat_template(peers, tmp_path, t
         from finetune.models.tiny import tiny_model_dir
         model = tiny_model_dir()
     else:
-        model = Path.home() / ".cache" / "finetune" / "models" / "smollm2-135m-instruct"
-        if not (model / "tokenizer_config.json").is_file():
-            pytest.skip("SmolLM2-135M-Instruct not downloaded")
+        from finetune.errors import FinetuneError
+        from finetune.models.gguf import smollm2_model_dir
+
+        try:  # converted once into the test cache, as for tests/test_realmodel_e2e.py
+            model = smollm2_model_dir()
+        except FinetuneError as e:
+            pytest.skip(f"no SmolLM2 weights: {e}")
     messages = [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "yo"}]
     _rows(tmp_path / "rows.jsonl", [[(m["role"], m["content"]) for m in messages]])
     row = peers.litgpt_rows(str(tmp_path / "rows.jsonl"))[0]

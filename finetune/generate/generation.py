@@ -142,9 +142,9 @@ def generate(
 def can_share_prefill(model) -> Optional[str]:
     """Why generate(score=...) cannot run on `model` (None when it can): it projects the decoder's hidden states
     with the output embeddings itself, and cuts a cache whose layers keep every position."""
-    from finetune.train.loss_head import supported
+    from finetune.models.load import logits_not_plain
 
-    why = supported(model)
+    why = logits_not_plain(model)
     if why:
         return why
     if getattr(model, "peft_config", None):
@@ -191,17 +191,18 @@ def _prefill_scoring(model, ids, mask, conts: list[tuple[list[int], list[int]]])
     full, full_mask = torch.cat([ids, cont], 1).to(device), torch.cat([mask, cont_mask], 1).to(device)
     positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)
-    hidden = model.get_decoder()(input_ids=full, attention_mask=full_mask, position_ids=positions,
-                                 use_cache=True, **{_cache_kwarg(model): cache}).last_hidden_state
+    decoder = model.get_decoder()
+    hidden = decoder(input_ids=full, attention_mask=full_mask, position_ids=positions, use_cache=True,
+                     **{_cache_kwarg(decoder): cache}).last_hidden_state
     # column width-1+t (the last prompt token, then the continuation) predicts continuation token t
     hidden, labels = hidden[:, width - 1:width - 1 + tail], labels.to(device)
     head = model.get_output_embeddings()
-    sums = torch.zeros(b, dtype=torch.float64, device=device)
+    sums = torch.zeros(b, dtype=torch.float32, device=device)  # float32: MPS has no float64
     chunk = max(1, (64 << 20) // (4 * head.weight.shape[0] * b))  # columns per chunk: 64 MB of fp32 logits
     for start in range(0, tail, chunk):
         logits = head(hidden[:, start:start + chunk]).float()
         gold = labels[:, start:start + chunk]
-        sums += F.cross_entropy(logits.transpose(1, 2), gold, ignore_index=-100, reduction="none").sum(1).double()
+        sums += F.cross_entropy(logits.transpose(1, 2), gold, ignore_index=-100, reduction="none").sum(1)
     if any(type(layer) is not DynamicLayer for layer in cache.layers):
         raise FinetuneError(f"generate(score=...): {type(model).__name__}'s cache has layers that cannot be cut back")
     cache.crop(-(tail + 1))  # keep prompt columns 0..width-2; generate() runs the last one and goes on

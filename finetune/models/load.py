@@ -307,3 +307,16 @@ def target_module_problems_from_config(cfg: ModelConfig, peft: PeftConfig) -> li
     with torch.device("meta"):  # shapes only: no memory, no initialisation cost
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
     return target_module_problems(skeleton, peft, cfg.name_or_path)
+
+
+def logits_not_plain(model) -> str | None:
+    """Why the model's logits are more than its output embeddings applied to the decoder's last hidden state
+    (None when they are not): logit soft-capping or scaling, or router logits whose auxiliary loss joins the
+    loss. Code that projects hidden states itself (train/loss_head.py, generate(score=...)) checks this."""
+    text = model.config.get_text_config()
+    for name in ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"):
+        if getattr(text, name, None) not in (None, 1, 1.0):
+            return f"the model's config sets {name}"
+    if getattr(text, "output_router_logits", False):
+        return "the model has router logits (MoE auxiliary loss)"
+    return None

@@ -72,13 +72,9 @@ def _label_terms(weight, bias, hidden, labels):
 def supported(model) -> str | None:
     """Why the compact head cannot stand in for trl's (None when it can): logit scaling, soft-capping or an
     MoE auxiliary loss are trl's to handle."""
-    text = model.config.get_text_config()
-    for name in ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"):
-        if getattr(text, name, None) not in (None, 1, 1.0):
-            return f"the model's config sets {name}"
-    if getattr(text, "output_router_logits", False):
-        return "the model has router logits (MoE auxiliary loss)"
-    return None
+    from finetune.models.load import logits_not_plain
+
+    return logits_not_plain(model)
 
 
 def compact_lm_head(model, original_forward) -> None:
