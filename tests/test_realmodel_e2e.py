@@ -58,10 +58,12 @@ def tuned(tmp_path_factory, smollm2_dir):
 def test_tuned_model_beats_the_base_on_json_validity(tuned):
     tuned_m, base_m = tuned["report"]["metrics"], tuned["report"]["base"]
     assert tuned_m["rows"] == 6
-    # measured on a shrunk run like this one: base 0.0 (it answers in prose or a markdown fence and rarely
-    # stops), tuned 0.33 after 12 steps; the full demo (README) goes much further
+    # JSON validity measured on this shrunk run (2026-12-02, schema sketch in the prompt): base 0.17 (it answers
+    # in prose or a markdown fence and rarely stops), tuned 1.0 after 12 steps
     assert tuned_m["json_valid_rate"] > base_m["json_valid_rate"], (tuned_m, base_m)
-    assert tuned_m["target_loss"] < base_m["target_loss"] - 0.3, (tuned_m, base_m)
+    # target loss, measured with the demo's schema sketch in the prompt (the base sees the keys): base 0.416,
+    # tuned 0.169 after these 12 steps
+    assert tuned_m["target_loss"] < 0.6 * base_m["target_loss"], (tuned_m, base_m)
     assert tuned["summary"]["last_loss"] < tuned["summary"]["first_loss"]
 
 
