@@ -191,6 +191,8 @@ def _prefill_scoring(model, ids, mask, conts: list[tuple[list[int], list[int]]])
     full, full_mask = torch.cat([ids, cont], 1).to(device), torch.cat([mask, cont_mask], 1).to(device)
     positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)
+    if any(type(layer) is not DynamicLayer for layer in cache.layers):  # checked before the forward, not after
+        raise FinetuneError(f"generate(score=...): {type(model).__name__}'s cache has layers that cannot be cut back")
     decoder = model.get_decoder()
     hidden = decoder(input_ids=full, attention_mask=full_mask, position_ids=positions, use_cache=True,
                      **{_cache_kwarg(decoder): cache}).last_hidden_state
@@ -203,8 +205,6 @@ def _prefill_scoring(model, ids, mask, conts: list[tuple[list[int], list[int]]])
         logits = head(hidden[:, start:start + chunk]).float()
         gold = labels[:, start:start + chunk]
         sums += F.cross_entropy(logits.transpose(1, 2), gold, ignore_index=-100, reduction="none").sum(1)
-    if any(type(layer) is not DynamicLayer for layer in cache.layers):
-        raise FinetuneError(f"generate(score=...): {type(model).__name__}'s cache has layers that cannot be cut back")
     cache.crop(-(tail + 1))  # keep prompt columns 0..width-2; generate() runs the last one and goes on
     counts = (labels != -100).sum(1).tolist()
     return cache, [(float(x), int(n)) for x, n in zip(sums.tolist(), counts)]
