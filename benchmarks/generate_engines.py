@@ -7,7 +7,8 @@ against llama.cpp (llama-cpp-python) single-stream on the GGUF the project expor
 
 Arms, one process, run one after the other on the same token ids (the demo's held-out prompts rendered by
 the chat template, so both engines see identical prompts):
-  project_b1       finetune.generate.generate, batch 1 (transformers generate, KV cache)
+  project_b1       finetune.generate.generate, batch 1 (transformers generate, KV cache); --b1-rows N runs
+                   it on the first N prompts only
   project_batched  the same, all prompts in batches of --batch-size (what `finetune eval` does)
   llamacpp_<q>     llama-cpp-python on the exported GGUF of quant q, one prompt at a time (its server's
                    single-stream path), n_threads = physical cores, greedy (temperature 0)
@@ -79,6 +80,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--b1-rows", type=int, default=0,
+                        help="project_b1 on the first N prompts only (0: all); its tokens/s is a per-token rate")
     parser.add_argument("--dtype", default="auto", help="project compute dtype: auto (the CPU check), bfloat16, float32")
     parser.add_argument("--quants", default="f16,q8_0")
     args = parser.parse_args()
@@ -107,7 +110,8 @@ def main() -> None:
     model = load_merged(model_dir, "cpu", getattr(torch, dtype))
     model = model[0] if isinstance(model, tuple) else model  # loaded once for both project arms
     arms["project_batched"] = _project(model, tokenizer, prompts, args.new_tokens, args.batch_size)
-    arms["project_b1"] = _project(model, tokenizer, prompts, args.new_tokens, 1)
+    b1_prompts = prompts[:args.b1_rows] if args.b1_rows > 0 else prompts
+    arms["project_b1"] = _project(model, tokenizer, b1_prompts, args.new_tokens, 1)
     del model
     with tempfile.TemporaryDirectory(prefix="bench-gguf-") as tmp:
         for quant in [q for q in args.quants.split(",") if q]:
@@ -122,7 +126,7 @@ def main() -> None:
     print(f"{'arm':18} {'tokens':>7} {'seconds':>8} {'tokens/s':>9} {'same as batched':>16}")
     for name, (seconds, outs) in arms.items():
         n = sum(len(o) for o in outs)
-        same = sum(o == r for o, r in zip(outs, reference))
+        same = sum(o == r for o, r in zip(outs, reference))  # project_b1: its first N prompts
         result[f"{name}_tokens"] = n
         result[f"{name}_seconds"] = round(seconds, 2)
         result[f"{name}_tokens_per_s"] = round(n / seconds, 1)

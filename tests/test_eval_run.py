@@ -121,9 +121,11 @@ def test_target_loss_scored_in_the_generation_prefill_equals_its_own_pass(model_
         assert "target_loss" not in plain
 
 
-def test_the_cut_back_prefill_cache_continues_like_a_plain_prefill(model_and_val):
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_the_cut_back_prefill_cache_continues_like_a_plain_prefill(model_and_val, impl):
     """The cache _prefill_scoring leaves holds the prompt but its last column, with the positions a plain
-    left-padded prefill gives: feeding that column next reproduces the plain prefill's next-token logits."""
+    left-padded prefill gives: feeding that column next reproduces the plain prefill's next-token logits.
+    sdpa runs the rows packed (per-document attention, keys copied into the padded layout); eager padded."""
     from finetune.data import render_prompt
     from finetune.evaluation.run import _continuations
     from finetune.generate.generation import _cache_kwarg, _prefill_scoring
@@ -137,12 +139,18 @@ def test_the_cut_back_prefill_cache_continues_like_a_plain_prefill(model_and_val
     for i, p in enumerate(prompts):
         ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
     _ck = _cache_kwarg(model)
-    with torch.inference_mode():
-        cache, nll = _prefill_scoring(model, ids, mask, _continuations(rows, prompts))
-        assert cache.get_seq_length() == width - 1
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        nxt = model(input_ids=ids[:, -1:], attention_mask=mask, position_ids=pos[:, -1:], **{_ck: cache})
-        ref = model(input_ids=ids, attention_mask=mask, position_ids=pos)
+    before = model.config._attn_implementation
+    model.set_attn_implementation(impl)
+    try:
+        with torch.inference_mode():
+            cache, nll = _prefill_scoring(model, ids, mask, _continuations(rows, prompts))
+            assert model.config._attn_implementation == impl  # sdpa_packed only inside the call
+            assert cache.get_seq_length() == width - 1
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            nxt = model(input_ids=ids[:, -1:], attention_mask=mask, position_ids=pos[:, -1:], **{_ck: cache})
+            ref = model(input_ids=ids, attention_mask=mask, position_ids=pos)
+    finally:
+        model.set_attn_implementation(before)
     assert torch.allclose(nxt.logits[:, -1], ref.logits[:, -1], atol=1e-5)
     loss = target_loss(model, rows)
     assert sum(n for _, n in nll) == loss["target_tokens"]

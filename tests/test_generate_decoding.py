@@ -101,3 +101,41 @@ def test_8192_new_tokens_with_the_kv_cache(model, tiny_tokenizer):
     gens = generate(model, tiny_tokenizer, [prompt], max_new_tokens=8192,
                     logits_processor_factory=lambda idx: LogitsProcessorList([Script([[word]], len(prompt))]))
     assert gens[0].new_tokens == 8192 and not gens[0].stopped
+
+
+def test_rows_that_stop_leave_the_batch_and_every_reply_stays_the_same(tiny_dir, tiny_tokenizer, monkeypatch):
+    """Greedy batches decode in calls of COMPACT_EVERY tokens, each without the rows that stopped before: the
+    replies equal one call's, token for token, and later calls run fewer rows."""
+    import finetune.generate.generation as gen
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    seed = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # the tiny model repeats one token; random weights write a different reply per row
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=seed) * 0.2)
+    prompts = [render_prompt(tiny_tokenizer, c) for c in CONVS]
+    free = generate(model, tiny_tokenizer, prompts, max_new_tokens=12, batch_size=16)
+    # stop tokens that end row 0 after 2 tokens and row 2 after at most 6
+    stops = [free[0].token_ids[2], free[2].token_ids[6]]
+    monkeypatch.setattr(gen, "stop_token_ids", lambda *a, **k: stops)
+    rows_per_call = []
+    real = type(model).generate
+
+    def spy(self, *args, **kwargs):
+        rows_per_call.append(kwargs["input_ids"].shape[0])
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "generate", spy)
+    monkeypatch.setattr(gen, "COMPACT_EVERY", 1000)
+    whole = generate(model, tiny_tokenizer, prompts, max_new_tokens=12, batch_size=16)
+    assert rows_per_call == [4]
+    rows_per_call.clear()
+    monkeypatch.setattr(gen, "COMPACT_EVERY", 2)
+    compacted = generate(model, tiny_tokenizer, prompts, max_new_tokens=12, batch_size=16)
+    assert [g.token_ids for g in compacted] == [g.token_ids for g in whole]
+    assert [g.stopped for g in compacted] == [g.stopped for g in whole]
+    assert whole[0].stopped and whole[0].new_tokens <= 2 and whole[2].stopped
+    assert not all(g.stopped for g in whole)
+    assert rows_per_call[0] == 4 and rows_per_call[-1] < 4 and len(rows_per_call) == 6
+    assert sorted(rows_per_call, reverse=True) == rows_per_call

@@ -14,6 +14,8 @@ configs/model/smollm2_135m_instruct.yaml and benchmarks/train_throughput.py.
 """
 from __future__ import annotations
 
+import contextlib
+
 NAME = "sdpa_packed"
 
 
@@ -68,3 +70,26 @@ def register() -> None:
     # The mask is sdpa's: rows that are not split (padded batches, generation) need it as sdpa would; a split
     # row ignores it (the documents are taken from the position ids instead).
     ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
+
+
+@contextlib.contextmanager
+def packed_attention(model):
+    """Run `model` with sdpa_packed inside the block when it computes with sdpa (restored after); yields whether
+    its attention is sdpa_packed in the block. Other implementations (eager asked for on purpose,
+    flash_attention_2, flex) are left alone, as is a model class that takes no registered attention function."""
+    impl = getattr(model.config, "_attn_implementation", None)
+    if impl not in ("sdpa", NAME):
+        yield False
+        return
+    register()
+    if impl != NAME:
+        try:
+            model.set_attn_implementation(NAME)
+        except (ValueError, AttributeError):
+            yield False
+            return
+    try:
+        yield True
+    finally:
+        if impl != NAME:
+            model.set_attn_implementation(impl)
