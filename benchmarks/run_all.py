@@ -57,8 +57,10 @@ BENCHES = [
     Bench("generate", [],
           [("merged_vs_adapter", ">=", 1.5), ("batched_vs_one_by_one", ">=", 5), ("constrained_slowdown", "<=", 0.25)],
           ["merged_fp32_tokens_per_s"], timeout_s=240),
-    # SmolLM2's own folder: the project's batched greedy decoding against llama.cpp single-stream on its GGUF
-    Bench("generate_engines", ["--rows", "24", "--new-tokens", "48"], [("batched_vs_llamacpp_best", ">=", 2)],
+    # SmolLM2's own folder: the project's batched greedy decoding against llama.cpp single-stream on its GGUF;
+    # batch 1 on 8 of the 24 prompts (it took 60.7 of this benchmark's 123 s on all 24, 2026-12-02)
+    Bench("generate_engines", ["--rows", "24", "--new-tokens", "48", "--b1-rows", "8"],
+          [("batched_vs_llamacpp_best", ">=", 2)],
           ["project_batched_tokens_per_s", "project_b1_tokens_per_s", "llamacpp_best_tokens_per_s",
            "llamacpp_f16_same_outputs"], timeout_s=420),
     # SmolLM2 (the real model): 3 trl/project arms + the peers `make peers` installed (LLaMA-Factory, axolotl,

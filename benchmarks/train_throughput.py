@@ -370,10 +370,12 @@ def val_loss(work: Path, settings: dict, adapter: Path, quant: str) -> float:
 def spawn(arm: str, work: Path, evaluate: bool) -> dict:
     """One run in a fresh process: its JSON, or {"arm", "error"} when it failed (a peer that cannot run here)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", arm, "--workdir", str(work)]
+    started = time.perf_counter()
     proc = subprocess.run(cmd + (["--evaluate"] if evaluate else []), capture_output=True, text=True, check=False)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode == 0 and lines:
-        return json.loads(lines[-1])
+        # wall_s: the whole process (imports, loading, training, the held-out loss), what make bench waits for
+        return {**json.loads(lines[-1]), "wall_s": round(time.perf_counter() - started, 1)}
     if proc.returncode == peers.FAILED_EXIT:  # the peer's reason, already one line
         return {"arm": arm, "error": proc.stderr.strip().splitlines()[-1]}
     if arm in ("project", *TRL_ARMS):
