@@ -94,8 +94,6 @@ def generate(
     The demo's eval otherwise prefilled its 70 prompts twice per model (loss pass and generation). Callers
     check `can_share_prefill(model)` first.
     """
-    from finetune.models import attention
-
     if not prompts:
         return []
     device = next(model.parameters()).device
@@ -104,13 +102,10 @@ def generate(
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[Optional[Generation]] = [None] * len(prompts)
     model.eval()
-    # sdpa_packed for the whole loop where the model computes with sdpa: its one-token decode attention on CPU
-    # (finetune.models.attention.decode_attention) and the packed scoring prefill.
-    with attention.packed_attention(model):
-        _generate_batches(model, tokenizer, prompts, order, results, stops, pad_id, device, batch_size=batch_size,
-                          max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
-                          top_k=top_k, logits_processor_factory=logits_processor_factory, streamer=streamer,
-                          desc=desc, score=score)
+    _generate_batches(model, tokenizer, prompts, order, results, stops, pad_id, device, batch_size=batch_size,
+                      max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
+                      top_k=top_k, logits_processor_factory=logits_processor_factory, streamer=streamer,
+                      desc=desc, score=score)
     return results  # type: ignore[return-value]
 
 
