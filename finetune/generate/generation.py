@@ -94,6 +94,10 @@ def generate(
     The demo's eval otherwise prefilled its 70 prompts twice per model (loss pass and generation). Callers
     check `can_share_prefill(model)` first.
     """
+    import torch
+
+    from finetune.distributed import progress
+
     if not prompts:
         return []
     device = next(model.parameters()).device
@@ -102,20 +106,6 @@ def generate(
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[Optional[Generation]] = [None] * len(prompts)
     model.eval()
-    _generate_batches(model, tokenizer, prompts, order, results, stops, pad_id, device, batch_size=batch_size,
-                      max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
-                      top_k=top_k, logits_processor_factory=logits_processor_factory, streamer=streamer,
-                      desc=desc, score=score)
-    return results  # type: ignore[return-value]
-
-
-def _generate_batches(model, tokenizer, prompts, order, results, stops, pad_id, device, *, batch_size,
-                      max_new_tokens, do_sample, temperature, top_p, top_k, logits_processor_factory, streamer,
-                      desc, score) -> None:
-    import torch
-
-    from finetune.distributed import progress
-
     starts = range(0, len(order), batch_size)
     for start in starts if streamer is not None or len(starts) == 1 else progress(starts, desc=desc, unit="batch"):
         idx = order[start:start + batch_size]
@@ -152,6 +142,7 @@ def _generate_batches(model, tokenizer, prompts, order, results, stops, pad_id, 
                     break
             results[i] = Generation(tokenizer.decode(new, skip_special_tokens=True), len(new), stopped, new,
                                     target_nll=nll[row][0], target_tokens=nll[row][1])
+    return results  # type: ignore[return-value]
 
 
 def _decode(model, ids, mask, cache, kwargs) -> list[list[int]]:
