@@ -85,6 +85,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto", help="project compute dtype: auto (the CPU check), bfloat16, float32")
     parser.add_argument("--quants", default="f16,q8_0")
     args = parser.parse_args()
+    if args.b1_rows < 0:
+        parser.error(f"--b1-rows {args.b1_rows}: give a number of prompts >= 1, or 0 for all of them")
 
     import torch
 
