@@ -139,3 +139,22 @@ def test_rows_that_stop_leave_the_batch_and_every_reply_stays_the_same(tiny_dir,
     assert not all(g.stopped for g in whole)
     assert rows_per_call[0] == 4 and rows_per_call[-1] < 4 and len(rows_per_call) == 6
     assert sorted(rows_per_call, reverse=True) == rows_per_call
+
+
+def test_an_adapter_model_continues_its_cache_under_the_current_argument_name(tiny_dir, tiny_tokenizer):
+    """A PeftModel's forward still names the cache `past_key_values`; generate() must pass the name its base
+    model takes (`cache` on transformers 5.24), or every decoding call of an unmerged adapter warned (the demo's
+    merge-parity check printed it). The replies equal the merged model's."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    prompts = [render_prompt(tiny_tokenizer, c) for c in CONVS]
+    score = [(tiny_tokenizer("ok", add_special_tokens=False)["input_ids"], [1])] * len(prompts)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*past_key_values.*")
+        adapter = generate(peft_model, tiny_tokenizer, prompts, max_new_tokens=20, batch_size=16, score=score)
+    merged = generate(peft_model.merge_and_unload(), tiny_tokenizer, prompts, max_new_tokens=20, batch_size=16)
+    assert [g.token_ids for g in adapter] == [g.token_ids for g in merged]

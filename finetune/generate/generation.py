@@ -223,10 +223,12 @@ def can_share_prefill(model) -> Optional[str]:
 
 def _cache_kwarg(model) -> str:
     """The name this transformers gives the KV-cache argument: `cache` (5.24 deprecates `past_key_values`, which
-    it still takes until 5.40, with a warning per call) or `past_key_values`."""
+    it still takes until 5.40, with a warning per call) or `past_key_values`; for a PeftModel, its base model's."""
     import inspect
 
-    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    # a PeftModel's own forward keeps the old name and passes it on, so ask the model underneath
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
 
 
 def _prefill_scoring(model, ids, mask, conts: list[tuple[list[int], list[int]]]):
