@@ -103,6 +103,12 @@ def test_plan_from_the_shipped_qwen_config():
     assert plan.tokens_per_step == 4 * 2048 and plan.gradient_checkpointing  # quantized base: on by default
     assert plan.detail["attention_mask"] == (4 * 2048) ** 2  # padding-free: one flattened row of 8,192 tokens
     assert plan.inputs["compute_dtype"] == "bfloat16" and plan.inputs["optimizer"] == cfg.train.optim
+    # norms in the compute dtype (quant.fp32_norms=false): a 16-bit residual stream; peft's layout keeps it fp32
+    assert not plan.inputs["upcast_non_quantized"]
+    cfg.quant.fp32_norms = True
+    fp32_layout = plan_from_config(cfg)
+    assert fp32_layout.inputs["upcast_non_quantized"]
+    assert fp32_layout.detail["ckpt_inputs"] == 2 * plan.detail["ckpt_inputs"]
     cfg.model.architecture = None
     with pytest.raises(ValueError, match="model.architecture"):
         plan_from_config(cfg)

@@ -136,43 +136,57 @@ def load_base_model(model_cfg: ModelConfig, quant: QuantConfig, device: str, *, 
     except OSError as e:
         raise FinetuneError(f"model.name_or_path={model_cfg.name_or_path!r}: cannot load the model ({e})") from None
     if qcfg:
-        prepare_quantized_base(model)
+        prepare_quantized_base(model, compute_dtype=None if quant.fp32_norms else dtype)
     log.info("loaded %s (%s, %s) on %s", model_cfg.name_or_path, quant.method if qcfg else "unquantized", dtype, device)
     return model
 
 
-def prepare_quantized_base(model, *, keep_embeddings_16bit: bool | None = None) -> None:
-    """peft's `prepare_model_for_kbit_training` (without checkpointing, which the Trainer configures) with one
-    deviation: frozen 16-bit embeddings stay 16-bit.
+def prepare_quantized_base(model, *, compute_dtype=None, keep_embeddings_16bit: bool | None = None) -> None:
+    """peft's `prepare_model_for_kbit_training` (without checkpointing, which the Trainer configures) with two
+    deviations: frozen 16-bit embeddings stay 16-bit, and with a 16-bit `compute_dtype` the norms and biases
+    stay in it too.
 
     peft freezes the base and casts every non-quantized 16-bit tensor to fp32, for stable norms. For the
     embedding table that buys nothing: its values come from a 16-bit checkpoint, and widening them is exact,
-    so we keep the table as stored and widen only what it returns (a forward hook), and the output head --
+    so we keep the table as stored and cast only what it returns (a forward hook), and the output head --
     the same tensor when tied, as in Qwen2.5 -- computes in the input's dtype (trl's fused loss head already
-    widens each vocabulary tile it reads). Outputs are bitwise those of peft's version; the table costs half:
-    Qwen2.5-0.5B 272 MB instead of 545, Qwen2.5-3B 0.62 GB instead of 1.24. Norms and biases become fp32 as in
-    peft. Under FSDP or DeepSpeed (`keep_embeddings_16bit` None) peft's all-fp32 layout is kept: their flat
+    widens each vocabulary tile it reads). The table costs half: Qwen2.5-0.5B 272 MB instead of 545, Qwen2.5-3B
+    0.62 GB instead of 1.24.
+
+    `compute_dtype` None or fp32: norms and biases become fp32 as in peft, and outputs are bitwise those of
+    peft's version. A 16-bit `compute_dtype` (quant.fp32_norms=false, the default) keeps norms, biases and the
+    embedding output in it, so the residual stream between layers is 16-bit as in 16-bit LoRA: fp32 norms
+    turn every norm's output, and with it each layer's sum, back into fp32, and autograd keeps those fp32
+    activations (Qwen2.5-0.5B shape, bf16 compute, 2,048 tokens: 6,941 -> 5,572 MB peak; benchmarks/memory.py).
+    Under FSDP or DeepSpeed (`keep_embeddings_16bit` None) peft's all-fp32 layout is kept: their flat
     parameter groups want one dtype per wrapped unit.
     """
     import torch
 
     from finetune.distributed import launch_info
 
+    sharded = launch_info().engine in ("fsdp", "deepspeed")
     if keep_embeddings_16bit is None:
-        keep_embeddings_16bit = launch_info().engine not in ("fsdp", "deepspeed")
+        keep_embeddings_16bit = not sharded
     sixteen = (torch.float16, torch.bfloat16)
+    residual = compute_dtype if compute_dtype in sixteen and not sharded else torch.float32
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     kept = {id(m.weight) for m in (emb, head) if m is not None} if keep_embeddings_16bit else set()
     for p in model.parameters():
         p.requires_grad = False
         # Params4bit stored as bf16 (quant.storage_dtype, for FSDP) are packed 4-bit codes: never cast them
-        if p.dtype in sixteen and type(p).__name__ != "Params4bit" and id(p) not in kept:
-            p.data = p.data.to(torch.float32)
+        if p.is_floating_point() and p.dtype != residual and type(p).__name__ != "Params4bit" and id(p) not in kept \
+                and (p.dtype in sixteen or residual in sixteen):
+            p.data = p.data.to(residual)
     _keep_training_layout(model)
-    if emb.weight.dtype in sixteen:
-        emb.register_forward_hook(_widen_output)
-        log.info("frozen embeddings kept in %s (peft would widen them to fp32)", emb.weight.dtype)
-    if head is not None and head.weight.dtype in sixteen and type(head) is torch.nn.Linear:
+    if emb.weight.dtype != residual:
+        emb.register_forward_hook(_OutputCast(residual))
+        if emb.weight.dtype in sixteen:
+            log.info("frozen embeddings kept in %s (peft would widen them to fp32)", emb.weight.dtype)
+    if residual in sixteen:
+        log.info("norms, biases and the residual stream in %s (quant.fp32_norms=false)", residual)
+    if head is not None and (head.weight.dtype in sixteen or head.weight.dtype != residual) \
+            and type(head) is torch.nn.Linear:
         head.forward = _WidenedLinear(head)
 
 
@@ -189,16 +203,21 @@ def _keep_training_layout(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def _widen_output(module, args, output):
-    """Embedding forward hook: the table's rows, widened to fp32 as peft's fp32 table would have returned them."""
-    import torch
+class _OutputCast:
+    """Embedding forward hook: the table's rows in the residual stream's dtype (fp32: as peft's fp32 table
+    would have returned them). An object, not a closure, so that a deep copy of the module keeps working."""
 
-    return output.to(torch.float32) if output.dtype != torch.float32 else output
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+    def __call__(self, module, args, output):
+        return output.to(self.dtype) if output.dtype != self.dtype else output
 
 
 class _WidenedLinear:
-    """forward of a frozen 16-bit output head fed fp32 hidden states (fp32 compute): widen the weight for the
-    product instead of narrowing the input, so the logits equal those of peft's fp32 head. Under autocast the
+    """forward of a frozen output head fed hidden states of another dtype: cast the weight for the product (with
+    fp32 compute this widens a 16-bit head instead of narrowing the input, so the logits equal those of peft's
+    fp32 head; an fp32 head of a 16-bit residual stream is narrowed). Under autocast the
     product runs in the autocast dtype as before. An object holding the module rather than a closure over it, so
     that a deep copy (peft's modules_to_save copies the head) computes with the copy's own weight."""
 

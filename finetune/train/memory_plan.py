@@ -3,13 +3,14 @@
 `finetune train ... train.plan_only=true` prints `format_plan(plan_from_config(cfg))`. Every term is a byte count
 with the rule that produced it written next to it. The activation rules were read off the tensors autograd saves
 in a real transformers Qwen2 block with peft LoRA (tests/test_memory_plan.py re-checks them on a tiny model), for
-the stack we train with: bitsandbytes base, fp32 adapters, autocast to the compute dtype, norms and biases
-upcast to fp32 on a quantized base while the frozen embedding table stays in the checkpoint's 16 bits
+the stack we train with: bitsandbytes base, fp32 adapters, autocast to the compute dtype, norms and biases in
+the compute dtype (fp32 with quant.fp32_norms=true, peft's layout) while the frozen embedding table stays in the
+checkpoint's 16 bits
 (`finetune.models.load.prepare_quantized_base`), and trl's fused loss head, which scores the vocabulary in tiles and
 never holds the full logits. For Qwen2.5-3B with 2,048 tokens per micro-batch (nf4, r=16, AdamW,
-checkpointing) the plan is 3.9 GiB (8.1 GiB before the fused loss head and the 16-bit table); at 8,192
-tokens 8.0 GiB, of it 2.25 GiB the fp32 layer inputs checkpointing keeps and 1.9 GiB the one layer it
-recomputes at a time.
+checkpointing) the plan is 3.4 GiB (3.9 GiB with peft's fp32 norms, 8.1 GiB before the fused loss head and
+the 16-bit table); at 8,192 tokens 6.0 GiB, of it 1.1 GiB the bf16 layer inputs checkpointing keeps and 1.4 GiB
+the one layer it recomputes at a time (8.0 GiB with fp32 norms, whose residual stream is fp32).
 """
 from __future__ import annotations
 
@@ -369,7 +370,7 @@ def plan_from_config(cfg: Any) -> MemoryPlan:
         compute_dtype=compute, r=cfg.peft.r, target_modules=cfg.peft.target_modules, optimizer=cfg.train.optim,
         seq_len=cfg.data.max_length, micro_batch=cfg.train.per_device_train_batch_size,
         gradient_checkpointing=cfg.quant.is_quantized if ckpt is None else ckpt, lora_dropout=cfg.peft.lora_dropout,
-        padding_free=cfg.train.packing,
+        padding_free=cfg.train.packing, upcast_non_quantized=cfg.quant.is_quantized and cfg.quant.fp32_norms,
         attn_implementation=cfg.model.attn_implementation if cfg.model.attn_implementation in ATTN_IMPLEMENTATIONS
         else "sdpa")
 

@@ -138,7 +138,8 @@ def build_trainer(cfg: FinetuneConfig, splits, tokenizer, run_dir: Path, device:
         model = load_base_model(cfg.model, cfg.quant, device)
     use_packed_attention(model, cfg)
     check_target_modules(model, cfg.peft, cfg.model.name_or_path)
-    # A quantized base arrives frozen with fp32 norms (finetune.models.load.prepare_quantized_base); checkpointing is
+    # A quantized base arrives frozen, its norms in the compute dtype or fp32 (quant.fp32_norms; see
+    # finetune.models.load.prepare_quantized_base); checkpointing is
     # left to the Trainer (activation_checkpointing) so it is configured in one place.
     has_eval = splits.val is not None and len(splits.val) > 0
     trainer = trainer_class()(
