@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-all test-llamacpp bench clean
+.PHONY: setup demo test test-all test-llamacpp bench bench-peers clean
 
 setup: $(STAMP)
 
@@ -57,6 +57,10 @@ test-vllm: $(STAMP) $(VLLM_STAMP)
 # CPU benchmarks (data, generation, training throughput, memory), each in its own process; one table.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
+
+# trl's defaults and the peer frameworks (make peers installs them) against the project on SmolLM2, in one run.
+bench-peers: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py --peers
 
 clean:
 	rm -rf outputs multirun .pytest_cache build *.egg-info

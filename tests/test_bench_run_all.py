@@ -71,7 +71,11 @@ def test_every_cpu_benchmark_is_in_the_run():
     ra = _module()
     names = [b.name for b in ra.BENCHES]
     assert names == ["preprocess", "generate", "generate_engines", "train_throughput", "train_throughput_qwen",
-                     "memory"]
+                     "memory", "train_throughput_peers"]
+    assert [b.name for b in ra.BENCHES if b.group == "peers"] == ["train_throughput_peers"]
+    peers_entry = next(b for b in ra.BENCHES if b.name == "train_throughput_peers")
+    assert "--arms" not in peers_entry.quick and "--peers" not in peers_entry.quick  # every arm, every peer
+    assert ["--peers", "none"] == next(b for b in ra.BENCHES if b.name == "train_throughput").quick[-2:]
     assert all(b.path.is_file() for b in ra.BENCHES if b.name != "generate")
     qwen = next(b for b in ra.BENCHES if b.name == "train_throughput_qwen")
     assert qwen.path.name == "train_throughput.py" and "qwen2.5-0.5b" in qwen.quick and not qwen.in_full
@@ -124,3 +128,19 @@ def test_the_run_names_date_cpu_and_its_compute_dtype(tmp_path, monkeypatch, cap
     assert set(machine) >= {"date", "cpu", "capability", "bf16_flags", "physical_cores", "auto_dtype"}
     assert machine["auto_dtype"] in ("float32", "bfloat16") and machine["physical_cores"] >= 1
     assert out.splitlines()[0].startswith(f"== {machine['date']}: {machine['cpu']}; torch capability ")
+
+
+def test_make_bench_leaves_the_peers_group_to_bench_peers(tmp_path, monkeypatch, capsys):
+    """make bench runs the main group only; --peers (make bench-peers) only the peers group; --only names either."""
+    ra = _module()
+    _fake(tmp_path, "shared", "print(json.dumps({'args': sys.argv[1:]}))\n")
+    monkeypatch.setattr(ra, "HERE", tmp_path)
+    monkeypatch.setattr(ra, "BENCHES", [ra.Bench("main", ["--m"], script="shared"),
+                                        ra.Bench("peer", ["--p"], script="shared", in_full=False, group="peers")])
+    assert ra.main([]) == 0
+    assert set(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["seconds"]) == {"main"}
+    assert ra.main(["--peers"]) == 0
+    combined = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(combined["seconds"]) == {"peer"} and combined["peer"]["args"] == ["--p"]
+    assert ra.main(["--only", "peer"]) == 0
+    assert set(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["seconds"]) == {"peer"}
