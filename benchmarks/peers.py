@@ -135,7 +135,9 @@ def install(peer: Peer) -> dict:
                                    f"print(m.version({peer.requirements[0].split('=')[0].split('[')[0]!r}), "
                                    "torch.__version__)"], capture_output=True, text=True, check=False)
             if proc.returncode != 0:
-                result = {"ok": False, "reason": "installed but does not import: " + proc.stderr.strip()[-400:]}
+                # the traceback's last line (the error itself); the rest would break the benchmark's table
+                last = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+                result = {"ok": False, "reason": f"installed but does not import: {last[-300:]}"}
             else:
                 version, torch_version = proc.stdout.split()
                 result = {"ok": True, "version": version, "torch": torch_version}

@@ -416,6 +416,8 @@ def summarize(model: str, runs: list[dict], data: dict, skipped: dict[str, str])
     """Best run per arm (its held-out loss from the first repeat), the ratios, and the table; arms that were
     skipped (`skipped`: arm -> why) or whose run failed are listed with the reason."""
     not_run = {**skipped, **{r["arm"]: r["error"] for r in runs if "error" in r}}
+    # one line each (the error, a traceback's last line): a status file written by an older peers.py kept more
+    not_run = {arm: (why.strip().splitlines() or [""])[-1] for arm, why in not_run.items()}
     best: dict[str, dict] = {}
     for r in runs:
         if "error" not in r and (r["arm"] not in best or r["train_s"] < best[r["arm"]]["train_s"]):
@@ -437,8 +439,15 @@ def summarize(model: str, runs: list[dict], data: dict, skipped: dict[str, str])
               f"{r['peak_rss_mb']:8.0f} {loss:>8s} {r.get('mfu', 0):6.1%}")
     for arm, why in not_run.items():
         print(f"  {arm:13s} not run: {why}")
-    out = {"arms": best, "not_run": not_run, "data": data}
     project = best.get("project")
+    # An arm that took another number of optimizer steps packed or dropped rows differently (axolotl's multipack
+    # sampler made 1 step of the 8,664 tokens at 32 rows where every other arm made 2); its tokens/s still counts
+    # every label token of the epoch, so it is flagged rather than silently compared.
+    steps_differ = {arm: r["steps"] for arm, r in best.items() if project and r["steps"] != project["steps"]}
+    for arm, steps in steps_differ.items():
+        print(f"  note: {arm} took {steps} optimizer step(s) where the project took {project['steps']}: its "
+              "label tokens/s assumes it trained on every row")
+    out = {"arms": best, "not_run": not_run, "data": data, "steps_differ": steps_differ}
     for arm, r in best.items():
         if arm != "project" and project:
             out[f"ratio_vs_{arm}"] = round(project["label_tokens_per_s"] / r["label_tokens_per_s"], 2)

@@ -105,13 +105,21 @@ def test_summary_has_one_ratio_per_arm_that_ran_and_the_reasons_for_the_rest(cap
              "peak_rss_mb": 900.0, "val_loss": 5.1},
             {"arm": "project", "train_s": 1.0, "steps": 1, "computed_tokens": 900, "label_tokens_per_s": 400.0,
              "peak_rss_mb": 800.0},  # the second repeat: faster, not evaluated
-            {"arm": "llamafactory", "error": "llamafactory-cli failed (exit 1): ValueError: no CPU"}]
-    out = tt.summarize("tiny", runs, data, {"axolotl": "not installed: run `make peers`"})
+            {"arm": "llamafactory", "error": "llamafactory-cli failed (exit 1): ValueError: no CPU"},
+            {"arm": "litgpt", "train_s": 2.5, "steps": 2, "computed_tokens": None, "label_tokens_per_s": 160.0,
+             "peak_rss_mb": 700.0, "val_loss": 5.2}]
+    out = tt.summarize("tiny", runs, data, {"axolotl": "not installed: run `make peers`",
+                                            "torchtune": "installed but does not import: mask\n  File \"x.py\", "
+                                                         "line 9\nModuleNotFoundError: No module named 'torchao.x'"})
     assert out["arms"]["project"]["train_s"] == 1.0 and out["arms"]["project"]["val_loss"] == 5.0  # best + its loss
-    assert {k for k in out if k.startswith("ratio_vs_")} == {"ratio_vs_trl_best"}
-    assert set(out["not_run"]) == {"axolotl", "llamafactory"} and "ValueError: no CPU" in out["not_run"]["llamafactory"]
+    assert {k for k in out if k.startswith("ratio_vs_")} == {"ratio_vs_trl_best", "ratio_vs_litgpt"}
+    assert set(out["not_run"]) == {"axolotl", "llamafactory", "torchtune"}
+    assert "ValueError: no CPU" in out["not_run"]["llamafactory"]
+    assert out["not_run"]["torchtune"] == "ModuleNotFoundError: No module named 'torchao.x'"  # one line
+    assert out["steps_differ"] == {"litgpt": 2}  # the project took 1 step
     printed = capsys.readouterr().out
     assert "llamafactory  not run: llamafactory-cli failed" in printed and "axolotl       not run:" in printed
+    assert "note: litgpt took 2 optimizer step(s) where the project took 1" in printed
 
 
 def test_tiny_smoke_run_trains_every_arm_and_reports_each(tmp_path):
