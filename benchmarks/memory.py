@@ -6,7 +6,8 @@
     python benchmarks/memory.py --size qwen2.5-3b  # 3B shape: a 6 GB checkpoint, about 10 minutes here
 
 Builds a random model of Qwen2.5-0.5B's shape (hidden 896, intermediate 4864, 24 layers, 14/2 heads, vocab
-151,936, tied embeddings; 494 M parameters) in bf16, like the published checkpoint, and saves it once as
+151,936, tied embeddings; 494 M parameters; --quick: SmolLM2-135M's Llama shape, 30 layers, hidden 576, vocab
+49,152) in bf16, like the published checkpoint, and saves it once as
 safetensors. Then one fresh process per arm loads it through the project's `finetune.models.load.load_base_model`
 and trains it with the project's own trainer (`finetune.train.trainer.build_trainer`: LoRA r16 on all linear layers,
 fp32 adapter weights, AdamW, trl's padding-free packing and fused loss head) for a few optimizer steps of one
