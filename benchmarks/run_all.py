@@ -79,7 +79,7 @@ BENCHES = [
     # 2,048-token step of this shape is about 4 TFLOP, some 40 s here. --full runs it inside train_throughput.
     # One step of this shape is noisy (the project arm measured 49.8, 39.7 and 63.8 s in three runs on
     # 2026-12-02; 1.38x trl's best with one repeat, 2.11x with two); make bench runs one repeat to fit its 15
-    # minutes, make bench-peers a second.
+    # minutes (`--full` runs two).
     Bench("train_throughput_qwen", ["--models", "qwen2.5-0.5b", "--rows", "12", "--repeats", "1",
                                     "--arms", "trl_best,project", "--peers", "none"],
           [("ratio_vs_trl_best", ">=", 1.5), ("val_loss_rel_diff_vs_trl_best", "<=", 0.01)],
