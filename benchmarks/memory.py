@@ -8,10 +8,10 @@
 Builds a random model of Qwen2.5-0.5B's shape (hidden 896, intermediate 4864, 24 layers, 14/2 heads, vocab
 151,936, tied embeddings; 494 M parameters; --quick: SmolLM2-135M's Llama shape, 30 layers, hidden 576, vocab
 49,152) in bf16, like the published checkpoint, and saves it once as
-safetensors. Then one fresh process per arm loads it through the project's `finetune.models.load.load_base_model`
-and trains it with the project's own trainer (`finetune.train.trainer.build_trainer`: LoRA r16 on all linear layers,
-fp32 adapter weights, AdamW, trl's padding-free packing and fused loss head) for a few optimizer steps of one
-packed row each:
+safetensors. Then one fresh process per arm, at each sequence length in turn, loads it through the project's
+`finetune.models.load.load_base_model` and trains it with the project's own trainer
+(`finetune.train.trainer.build_trainer`: LoRA r16 on all linear layers, fp32 adapter weights, AdamW, trl's
+padding-free packing and fused loss head) for a few optimizer steps of one packed row each:
 
   qlora        quant=nf4 as `finetune train` runs it on this machine: 4-bit weights, fp32 compute on CPU, the
                frozen tied embedding kept in the checkpoint's bf16 (finetune.models.load.prepare_quantized_base)
@@ -30,9 +30,10 @@ storage alone; `ratio_auto_compute` uses the qlora arm (compute_dtype auto: what
 CPU; where auto picks bf16 that arm is qlora_bf16 and runs once), `project_vs_stock` is qlora_bf16 / stock_qlora. Each is reported per sequence length (64, 512 and 2,048
 tokens: activations grow with it and the weights' share falls); the headline figures are at the longest one.
 
-Each arm reports, above its own resident memory after imports: the loading peak, the resident memory after
-loading (weights copied out of the memory-mapped checkpoint, see `materialize`), and the peak of the whole
-run (`peak`). Peaks are VmHWM, reset between phases through
+Each arm reports, at each length, above the resident memory just before that length's load (the previous
+length's model and trainer freed and the heap trimmed; the first length starts right after the imports): the
+loading peak, the resident memory after loading (weights copied out of the memory-mapped checkpoint, see
+`materialize`), and the peak of the whole run (`peak`). Peaks are VmHWM, reset between phases through
 /proc/self/clear_refs; a thread also samples anonymous memory (RssAnon) every 2 ms, because VmRSS counts the
 safetensors file's pages while they are memory-mapped, which the kernel can drop at any time. A 4-bit load
 passes the check when its anonymous loading peak stays below one bf16 copy of the model. The arms run with
@@ -92,6 +93,9 @@ class Memory:
     def __init__(self):
         self.anon_peak = 0.0
         self._stop = threading.Event()
+        # reset() and the sampler take turns: without it a sample read before a reset could write the last
+        # phase's peak back after it (one process runs every length of an arm, so that peak is a real number)
+        self._lock = threading.Lock()
         self.can_reset = os.access("/proc/self/clear_refs", os.W_OK)
         threading.Thread(target=self._sample, daemon=True).start()
 
@@ -103,14 +107,16 @@ class Memory:
 
     def _sample(self) -> None:
         while not self._stop.wait(0.002):
-            self.anon_peak = max(self.anon_peak, self.status()["RssAnon"])
+            with self._lock:
+                self.anon_peak = max(self.anon_peak, self.status()["RssAnon"])
 
     def reset(self) -> dict[str, float]:
         """Start a new phase: VmHWM back to the current RSS (Linux >= 4.0), the anonymous peak too."""
-        if self.can_reset:
-            Path("/proc/self/clear_refs").write_text("5")
-        now = self.status()
-        self.anon_peak = now["RssAnon"]
+        with self._lock:
+            if self.can_reset:
+                Path("/proc/self/clear_refs").write_text("5")
+            now = self.status()
+            self.anon_peak = now["RssAnon"]
         return now
 
 
@@ -131,18 +137,47 @@ def build(root: Path, shape: str) -> None:
     Qwen2ForCausalLM(config).save_pretrained(root / "model")
 
 
-def measure(arm: str, root: Path, steps: int, seq_len: int) -> dict:
-    """Load + `steps` optimizer steps of the project's trainer in this (fresh) process; MB above post-import."""
-    import bitsandbytes  # noqa: F401  (both arms pay the same imports before the baseline is read)
+def measure(arm: str, root: Path, steps: int, seq_lens: list[int]) -> list[dict]:
+    """Load + `steps` optimizer steps of the project's trainer at each of `seq_lens`, in this one process: one
+    process per arm instead of one per arm and length saves the imports (about 9 s a process) and the
+    interpreter start of 8 of make bench's 12 processes. Each length loads the model afresh and measures above
+    the resident memory it starts from, after the previous length's model and trainer are freed and the heap
+    is trimmed (`_release`)."""
+    import bitsandbytes  # noqa: F401  (every arm pays the same imports before the baseline is read)
     import peft  # noqa: F401
-    import torch
     import trl  # noqa: F401
+
+    mem = Memory()
+    after_imports = mem.status()["VmRSS"]
+    out = []
+    for seq_len in seq_lens:
+        out.append({**measure_one(arm, root, steps, seq_len, mem), "after_imports_mb": round(after_imports)})
+        _release()
+    return out
+
+
+def _release() -> None:
+    """Free the last length's model and trainer and hand the heap's free pages back (malloc_trim), so the next
+    length starts from the same resident memory as a fresh process would after loading nothing."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the next length measures above what is left
+        pass
+
+
+def measure_one(arm: str, root: Path, steps: int, seq_len: int, mem: "Memory") -> dict:
+    """Load + `steps` optimizer steps at one length; MB above the resident memory just before loading."""
+    import torch
     from datasets import Dataset
     from transformers import TrainerCallback
 
+    from finetune.config import to_typed
     from finetune.data import DataSplits
     from finetune.models.load import load_base_model, resolve_dtype
-    from finetune.config import to_typed
     from finetune.models.tiny import load_tiny_tokenizer
     from finetune.train.trainer import build_trainer
 
@@ -158,7 +193,6 @@ def measure(arm: str, root: Path, steps: int, seq_len: int) -> dict:
     ids = torch.randint(0, vocab, (steps, seq_len), generator=torch.Generator().manual_seed(0)).tolist()
     splits = DataSplits(Dataset.from_dict({"input_ids": ids, "assistant_masks": [[1] * seq_len] * steps}), None, {})
     tokenizer = load_tiny_tokenizer()
-    mem = Memory()
     base = mem.reset()
     started = time.perf_counter()
     model = stock_load(root) if arm == "stock_qlora" else load_base_model(cfg.model, cfg.quant, "cpu")
@@ -168,9 +202,9 @@ def measure(arm: str, root: Path, steps: int, seq_len: int) -> dict:
     loaded = mem.status()
     mem.reset()
     if arm == "stock_qlora":
-        trainer = stock_trainer(model, splits.train, tokenizer, steps, seq_len, root / f"run-{arm}")
+        trainer = stock_trainer(model, splits.train, tokenizer, steps, seq_len, root / f"run-{arm}-{seq_len}")
     else:
-        trainer = build_trainer(cfg, splits, tokenizer, root / f"run-{arm}", "cpu", model=model)
+        trainer = build_trainer(cfg, splits, tokenizer, root / f"run-{arm}-{seq_len}", "cpu", model=model)
     seen = {}
 
     class Peak(TrainerCallback):  # read before the end-of-run checkpoint is written
@@ -188,7 +222,7 @@ def measure(arm: str, root: Path, steps: int, seq_len: int) -> dict:
         "arm": arm, "quant": cfg.quant.method, "seq_len": seq_len,
         "compute_dtype": str(resolve_dtype(cfg.quant.compute_dtype, "cpu")).replace("torch.", ""),
         "embedding_dtype": str(embed.weight.dtype).replace("torch.", ""),
-        "after_imports_mb": round(base["VmRSS"]),
+        "before_load_mb": round(base["VmRSS"]),
         "load_peak_mb": round(load_peak - base["VmRSS"]),
         "load_peak_anon_mb": round(load_anon - base["RssAnon"]),
         "loaded_mb": round(loaded["VmRSS"] - base["VmRSS"]),
@@ -277,6 +311,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seq-lens", default=",".join(map(str, SEQ_LENS)),
                    help="comma-separated tokens in the one training row of each step (default 64,512,2048)")
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, from {', '.join(ARMS)}")
+    p.add_argument("--bf16-max-len", type=int, default=None,
+                   help="run the bf16 arms only up to this many tokens (default: no cap; with --quick on a CPU "
+                        "without native bf16, 512)")
     p.add_argument("--keep", type=Path, help="build the model here and keep it (reused when already built)")
     p.add_argument("--phase", help=argparse.SUPPRESS)  # internal: build, or one arm per fresh process
     p.add_argument("--root", type=Path, help=argparse.SUPPRESS)
@@ -303,8 +340,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         build(args.root, args.size)
         return None
     if args.phase:
-        arm, seq_len = args.phase.split("@")
-        print(json.dumps(measure(arm, args.root, args.steps, int(seq_len))))
+        arm, lens = args.phase.split("@")
+        print(json.dumps(measure(arm, args.root, args.steps, [int(n) for n in lens.split(",")])))
         return None
     root = args.keep or Path(tempfile.mkdtemp(prefix="bench-memory-"))
     me = [sys.executable, str(Path(__file__).resolve()), "--root", str(root), "--size", args.size,
@@ -322,17 +359,53 @@ def main(argv: list[str] | None = None) -> dict | None:
             args.arms = [a for a in args.arms if a != "qlora"]
             args.auto_is_bf16 = True
             print("compute_dtype auto -> bfloat16 here: the qlora arm is qlora_bf16, measured once", flush=True)
-        by_len = {}
-        for seq_len in args.seq_lens:
-            by_len[seq_len] = {}
-            for arm in args.arms:
-                out = run(me + [f"{arm}@{seq_len}"], f"the {arm} arm at {seq_len} tokens")
-                by_len[seq_len][arm] = json.loads(out.strip().splitlines()[-1])
-                print(f"  {json.dumps(by_len[seq_len][arm])}", flush=True)
+        by_len = {n: {} for n in args.seq_lens}
+        args.skipped = {}
+        cap = bf16_length_cap(args)
+        for arm in args.arms:  # one fresh process per arm, every length in it
+            wanted = [n for n in args.seq_lens if cap is None or ARMS[arm]["compute_dtype"] != "bfloat16" or n <= cap]
+            for n in sorted(set(args.seq_lens) - set(wanted)):
+                args.skipped.setdefault(str(n), []).append(arm)
+            if not wanted:
+                continue
+            lens = ",".join(map(str, wanted))
+            out = run(me + [f"{arm}@{lens}"], f"the {arm} arm at {lens} tokens")
+            for r in json.loads(out.strip().splitlines()[-1]):
+                by_len[r["seq_len"]][arm] = r
+                print(f"  {json.dumps(r)}", flush=True)
         return report(by_len, copy16, args)
     finally:
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)
+
+
+# On a CPU without native bf16 (AVX2 only) bf16 is emulated: on an AMD EPYC (2026-12-02) one bf16 step of the
+# SmolLM2 shape took 14 s at 64 tokens and 109 s at 512, and 2,048 tokens would take some 8 minutes per arm,
+# three arms (qlora_bf16, lora16, stock_qlora) over make bench's whole budget. There --quick measures the bf16
+# arms up to this length and says so; memory does not depend on the CPU's speed, so the 2,048-token figures of a
+# CPU with native bf16 stand (README).
+EMULATED_BF16_QUICK_MAX_LEN = 512
+
+
+def bf16_length_cap(args) -> int | None:
+    """The longest sequence the bf16 arms run at: --bf16-max-len, else 512 under --quick on a CPU without native
+    bf16, else no cap."""
+    if args.bf16_max_len is not None:
+        return args.bf16_max_len
+    if not args.quick:
+        return None
+    from finetune.models.cpu import detect_features
+
+    features = detect_features()
+    if features.native_bf16:
+        return None
+    longer = [n for n in args.seq_lens if n > EMULATED_BF16_QUICK_MAX_LEN]
+    if longer:
+        print(f"WARNING: {features.model or 'this CPU'} has no native bf16 (torch capability {features.capability}): "
+              f"the bf16 arms run at most {EMULATED_BF16_QUICK_MAX_LEN} tokens (not {','.join(map(str, longer))}); "
+              f"--bf16-max-len 2048 runs them anyway (about 8 minutes per arm at 2,048 tokens on an AVX2 EPYC)",
+              flush=True)
+    return EMULATED_BF16_QUICK_MAX_LEN
 
 
 def auto_compute_dtype() -> str:
@@ -343,7 +416,13 @@ def auto_compute_dtype() -> str:
 
 
 def ratios(arms: dict, copy16: float, auto_is_bf16: bool = False) -> dict:
-    """Peaks and ratios of one sequence length."""
+    """Peaks and ratios of one sequence length (a length where the bf16 arms were skipped has the qlora arm's
+    figures only)."""
+    if "qlora_bf16" not in arms or "lora16" not in arms:
+        q = arms.get("qlora")
+        return {} if q is None else {"qlora_peak_mb": peak(q), "qlora_compute_dtype": q["compute_dtype"],
+                                     "qlora_load_peak_anon_mb": q["load_peak_anon_mb"],
+                                     "qlora_load_below_bf16_copy": q["load_peak_anon_mb"] < copy16}
     q16, l16 = arms["qlora_bf16"], arms["lora16"]
     if auto_is_bf16 and "qlora" not in arms:
         arms = {**arms, "qlora": q16}
@@ -362,7 +441,7 @@ def ratios(arms: dict, copy16: float, auto_is_bf16: bool = False) -> dict:
 
 def report(by_len: dict, copy16: float, args) -> dict:
     print(f"model: {args.size} shape, random, one bf16 copy = {copy16:.0f} MB; {args.steps} steps of one row per "
-          f"arm; MB above each process's resident memory after imports")
+          f"arm; MB above the resident memory before each load")
     print(f"{'tokens':>6s} {'arm':12s} {'compute':>8s} {'load peak':>9s} {'(anon)':>7s} {'loaded':>7s} {'run peak':>8s} "
           f"{'steps anon':>10s} {'load s':>6s} {'step s':>6s}")
     for seq_len, arms in by_len.items():
@@ -371,9 +450,12 @@ def report(by_len: dict, copy16: float, args) -> dict:
                   f"{r['load_peak_anon_mb']:7d} {r['loaded_mb']:7d} {peak(r):8d} {r['train_peak_anon_mb']:10d} "
                   f"{r['load_s']:6.1f} {r['step_s']:6.1f}")
     per_len = {str(n): ratios(arms, copy16, getattr(args, "auto_is_bf16", False)) for n, arms in by_len.items()}
-    longest = str(max(by_len))
+    compared = [n for n in by_len if "ratio" in per_len[str(n)]]
+    longest = str(max(compared))  # the headline: the longest length both ratio arms ran at
     result = {"size": args.size, "steps": args.steps, "seq_len": int(longest), "bf16_copy_mb": round(copy16),
-              **per_len[longest], "ratio_max": max(v["ratio"] for v in per_len.values()), "by_seq_len": per_len}
+              **per_len[longest], "ratio_max": max(per_len[str(n)]["ratio"] for n in compared), "by_seq_len": per_len}
+    if getattr(args, "skipped", None):
+        result["skipped"] = args.skipped  # {length: [arms not run there]} (see bf16_length_cap)
     goals = {"ratio<=0.5": result["ratio"] <= 0.5}
     if "qlora_load_below_bf16_copy" in result:
         goals["4-bit load below one bf16 copy"] = result["qlora_load_below_bf16_copy"]

@@ -88,7 +88,7 @@ BENCHES = [
     # SmolLM2-135M's shape in quick mode (--full: the Qwen2.5-0.5B shape, whose bf16 arms took 128-169 s a step
     # at 2,048 tokens on a CPU where bf16 runs at half fp32's speed)
     Bench("memory", ["--quick"], [("ratio", "<=", 0.5)],
-          ["ratio_max", "project_vs_stock", "ratio_auto_compute", "qlora_bf16_peak_mb", "lora16_peak_mb",
+          ["seq_len", "ratio_max", "project_vs_stock", "ratio_auto_compute", "qlora_bf16_peak_mb", "lora16_peak_mb",
            "stock_qlora_peak_mb", "qlora_load_peak_anon_mb", "bf16_copy_mb", "qlora_load_below_bf16_copy"],
           timeout_s=900),
     # make bench-peers: every arm on SmolLM2 in one run (trl's defaults, trl's best, the project and the peers

@@ -66,3 +66,40 @@ def test_where_auto_picks_bf16_the_qlora_figures_are_the_qlora_bf16_arm():
     assert out["ratio"] == out["ratio_auto_compute"] == 0.5 and out["qlora_peak_mb"] == 300
     assert out["qlora_compute_dtype"] == "bfloat16" and out["qlora_load_below_bf16_copy"] is True
     assert "ratio_auto_compute" not in memory.ratios(arms, copy16=50.0)  # fp32 auto: the arm must run
+
+
+def test_on_a_cpu_without_native_bf16_quick_caps_the_bf16_arms_and_says_so(monkeypatch, capsys):
+    """Emulated bf16 made one 512-token bf16 step take 109 s on an AVX2 EPYC: --quick there runs the bf16 arms up
+    to 512 tokens and warns; a CPU with native bf16, an explicit --bf16-max-len or a full run are not capped."""
+    from finetune.models import cpu
+    from tests.support import load_script
+
+    memory = load_script(SCRIPT, "bench_memory")
+    avx2 = cpu.CpuFeatures("AMD EPYC", "AVX2", ())
+    monkeypatch.setattr(cpu, "detect_features", lambda: avx2)
+    assert memory.bf16_length_cap(memory.parse_args(["--quick"])) == 512
+    assert "no native bf16" in capsys.readouterr().out
+    assert memory.bf16_length_cap(memory.parse_args(["--quick", "--bf16-max-len", "4096"])) == 4096
+    assert memory.bf16_length_cap(memory.parse_args([])) is None
+    monkeypatch.setattr(cpu, "detect_features", lambda: cpu.CpuFeatures("Xeon", "AVX512", ("avx512_bf16",)))
+    assert memory.bf16_length_cap(memory.parse_args(["--quick"])) is None
+
+
+def test_a_length_the_bf16_arms_skipped_reports_the_qlora_arm_and_the_headline_is_the_longest_compared(capsys):
+    from tests.support import load_script
+
+    memory = load_script(SCRIPT, "bench_memory")
+    arm = lambda name, peak, dtype: {"arm": name, "load_peak_anon_mb": 10, "loaded_mb": 20,  # noqa: E731
+                                     "train_peak_mb": peak, "compute_dtype": dtype, "load_peak_mb": 30,
+                                     "train_peak_anon_mb": peak, "load_s": 1.0, "step_s": 1.0}
+    by_len = {512: {"qlora": arm("qlora", 500, "float32"), "qlora_bf16": arm("qlora_bf16", 300, "bfloat16"),
+                    "lora16": arm("lora16", 400, "bfloat16")},
+              2048: {"qlora": arm("qlora", 2000, "float32")}}
+    args = memory.parse_args(["--quick"])
+    args.skipped = {"2048": ["qlora_bf16", "lora16"]}
+    out = memory.report(by_len, 50.0, args)
+    assert out["seq_len"] == 512 and out["ratio"] == 0.75 and out["ratio_max"] == 0.75
+    assert out["by_seq_len"]["2048"] == {"qlora_peak_mb": 2000, "qlora_compute_dtype": "float32",
+                                         "qlora_load_peak_anon_mb": 10, "qlora_load_below_bf16_copy": True}
+    assert out["skipped"] == {"2048": ["qlora_bf16", "lora16"]}
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["seq_len"] == 512
