@@ -17,7 +17,7 @@ class QuantConfig:
         default="auto",
         metadata={"help": "auto = bfloat16 on CUDA; on CPU bfloat16 only where the CPU has native bf16 (AMX-BF16, "
                           "AVX512-BF16) and a measured bf16 matmul beats fp32 by 1.5x, else float32 (emulated bf16 "
-                          "is 2-3x slower); the choice and its figures are logged. FINETUNE_CPU_DTYPE=float32|"
+                          "ran 2.75-7x slower); the choice and its figures are logged. FINETUNE_CPU_DTYPE=float32|"
                           "bfloat16 overrides auto on CPU."}
     )
     fp32_norms: bool = field(
