@@ -362,6 +362,10 @@ def main(argv: list[str] | None = None) -> dict | None:
         by_len = {n: {} for n in args.seq_lens}
         args.skipped = {}
         cap = bf16_length_cap(args)
+        if cap is not None and cap < min(args.seq_lens):
+            raise SystemExit(f"memory: the bf16 arms run only up to {cap} tokens, below every --seq-lens value "
+                             f"({','.join(map(str, args.seq_lens))}): nothing to compare; add a length <= {cap} "
+                             f"or raise --bf16-max-len")
         for arm in args.arms:  # one fresh process per arm, every length in it
             wanted = [n for n in args.seq_lens if cap is None or ARMS[arm]["compute_dtype"] != "bfloat16" or n <= cap]
             for n in sorted(set(args.seq_lens) - set(wanted)):
@@ -419,24 +423,24 @@ def ratios(arms: dict, copy16: float, auto_is_bf16: bool = False) -> dict:
     """Peaks and ratios of one sequence length (a length where the bf16 arms were skipped has the qlora arm's
     figures only)."""
     if "qlora_bf16" not in arms or "lora16" not in arms:
-        q = arms.get("qlora")
-        return {} if q is None else {"qlora_peak_mb": peak(q), "qlora_compute_dtype": q["compute_dtype"],
-                                     "qlora_load_peak_anon_mb": q["load_peak_anon_mb"],
-                                     "qlora_load_below_bf16_copy": q["load_peak_anon_mb"] < copy16}
+        return _qlora_figures(arms["qlora"], copy16) if "qlora" in arms else {}
     q16, l16 = arms["qlora_bf16"], arms["lora16"]
     if auto_is_bf16 and "qlora" not in arms:
         arms = {**arms, "qlora": q16}
     out = {"qlora_bf16_peak_mb": peak(q16), "lora16_peak_mb": peak(l16), "ratio": round(peak(q16) / peak(l16), 2)}
     if "qlora" in arms:
-        out.update(qlora_peak_mb=peak(arms["qlora"]), ratio_auto_compute=round(peak(arms["qlora"]) / peak(l16), 2),
-                   qlora_compute_dtype=arms["qlora"]["compute_dtype"],
-                   qlora_load_peak_anon_mb=arms["qlora"]["load_peak_anon_mb"],
-                   qlora_load_below_bf16_copy=arms["qlora"]["load_peak_anon_mb"] < copy16)
+        out.update(_qlora_figures(arms["qlora"], copy16), ratio_auto_compute=round(peak(arms["qlora"]) / peak(l16), 2))
     if "stock_qlora" in arms:
         out.update(stock_qlora_peak_mb=peak(arms["stock_qlora"]),
                    project_vs_stock=round(peak(q16) / peak(arms["stock_qlora"]), 2),
                    stock_embedding_dtype=arms["stock_qlora"]["embedding_dtype"])
     return out
+
+
+def _qlora_figures(q: dict, copy16: float) -> dict:
+    return {"qlora_peak_mb": peak(q), "qlora_compute_dtype": q["compute_dtype"],
+            "qlora_load_peak_anon_mb": q["load_peak_anon_mb"],
+            "qlora_load_below_bf16_copy": q["load_peak_anon_mb"] < copy16}
 
 
 def report(by_len: dict, copy16: float, args) -> dict:

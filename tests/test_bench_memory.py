@@ -41,7 +41,11 @@ def test_tiny_smoke_run_reports_peaks_and_ratios_per_length(tmp_path):
         for arm in arms.values():
             assert arm["after_imports_mb"] > 100  # torch & co. are imported before the baseline is read
             assert len(arm["losses"]) == 1 and all(loss > 0 for loss in arm["losses"])
-            assert arm["train_peak_mb"] >= arm["loaded_mb"] > 0
+            assert arm["train_peak_mb"] >= arm["loaded_mb"] >= 0
+            # the first length of an arm loads in a fresh process; a later one may reuse heap pages the one
+            # before freed (the 2-layer model is under 1 MB), so only the first must show its weights
+            if n == 16:
+                assert arm["loaded_mb"] > 0
     assert (tmp_path / "work" / "model" / "config.json").is_file()  # --keep keeps the built model
 
 
