@@ -132,8 +132,6 @@ def build_contact(d: Draw, lang: str) -> tuple[str, dict]:
         v["email"] = None
     v["phone"] = d.fresh(PHONE_FORMATS[lang]) if d.chance(0.6) else None
     v["city"] = d.pick(d.pool.cities) if d.chance(0.6) else None
-    if not any(v[k] for k in ("company", "email", "phone")) and v["city"] is None:
-        v["city"] = d.pick(d.pool.cities)  # a name alone says nothing of its language
     optional = [k for k in ("company", "email", "phone", "city") if v[k] is not None]
     style = d.rng.random()
     if style < 0.3:

@@ -32,7 +32,7 @@ class Pool:
     words: tuple[str, ...]                    # chat tasks
 
 
-TRAIN_BASE = Pool(
+TRAIN = Pool(
     first=("Lena", "Marco", "Sofía", "Lukas", "Camille", "Javier", "Amélie", "Tobias", "Lucía", "Hugo", "Elena",
            "Felix", "Chloé", "Diego", "Inès", "Jonas", "Clara", "Mateo", "Nora", "Pablo", "Emma", "Louis",
            "Carmen", "Max", "Julie", "Andrés", "Hanna", "Théo", "Marta", "Paul", "Alice", "Sergio", "Greta",
@@ -68,20 +68,6 @@ TRAIN_BASE = Pool(
     words=("apple", "river", "window", "garden", "candle", "pencil", "mountain", "orange", "blanket", "bridge",
            "coffee", "rabbit", "silver", "forest", "ticket", "guitar", "lemon", "castle", "rocket", "pillow"),
 )
-# Invented names widen the training pools (see `widen`), so the model learns to copy names it has never seen;
-# a dozen brands and sixteen venues it learnt to recite instead (measured 2026-12-03, 48 steps: held-out
-# "Sorrel Z60" -> "Srel Z60", "Gonzalo" -> "Gonál", a training venue named where the text gave a held-out one).
-_ONSETS = ("b", "br", "c", "d", "dr", "f", "g", "gr", "k", "l", "m", "n", "p", "r", "s", "st", "t", "tr", "v",
-           "z", "h", "j")
-_VOWELS = ("a", "e", "i", "o", "u", "a", "e", "o", "ia", "ei", "ou")
-_CODAS = ("", "", "", "n", "r", "l", "s", "m", "x", "th", "nd", "rk")
-
-
-def _invented(rng: random.Random, syllables: tuple[int, ...] = (2, 3)) -> str:
-    word = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(rng.choice(syllables) - 1))
-    return (word + rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)).capitalize()
-
-
 VAL = Pool(
     first=("Ingrid", "Rafael", "Margot", "Dominik", "Beatriz", "Anouk", "Ulrich", "Ximena", "Quentin", "Leonor",
            "Henrik", "Solène", "Gonzalo", "Wiebke"),
@@ -101,41 +87,6 @@ VAL = Pool(
     restaurants=("Auberge Marius", "Ristorante Nuvola", "Wirtshaus Eiche", "Cantina Rayo", "Izakaya Hoshi"),
     words=("violin", "meadow", "lantern", "compass", "walnut", "glacier", "teapot", "falcon", "saddle", "marble"),
 )
-
-
-def widen(base: Pool, avoid: set[str], seed: int = 7) -> Pool:
-    """`base` plus invented first and last names, companies, brands and venues whose invented word occurs in no
-    other value and not in `avoid` (the held-out pools), drawn with their own seeded generator. The fixed words
-    around them (legal forms, "Sala", "Arena") are training words already."""
-    rng, taken = random.Random(seed), set(avoid) | pool_words(base)
-
-    def fresh(form: Callable[[str], str], n: int, syllables: tuple[int, ...] = (2, 3)) -> tuple[str, ...]:
-        out: list[str] = []
-        while len(out) < n:
-            word = _invented(rng, syllables)
-            if word.lower() not in taken:
-                taken.add(word.lower())
-                out.append(form(word))
-        return tuple(out)
-
-    suffixes = ("GmbH", "AG", "Ltd", "SA", "Labs", "Systems", "Digital", "Partners", "Media", "Health")
-    tlds = ("de", "fr", "es", "com", "io", "co.uk")
-    companies = fresh(lambda w: f"{w} {rng.choice(suffixes)}", 60)
-    venue_forms = ("Sala {}", "Espace {}", "Teatro {}", "Maison {}", "Hangar {}", "{}halle", "{} Arena", "Salle {}",
-                   "Auditorio {}", "{}haus")
-    return Pool(
-        first=base.first + fresh(str, 100, (2,)),
-        last=base.last + fresh(str, 100),
-        companies=base.companies + tuple((c, f"{c.split()[0].lower()}.{rng.choice(tlds)}") for c in companies),
-        cities=base.cities,
-        brands=base.brands + fresh(str, 120),
-        model_letters=base.model_letters,
-        venues=base.venues + fresh(lambda w: rng.choice(venue_forms).format(w), 60),
-        title_words=base.title_words,
-        minutes=base.minutes,
-        restaurants=base.restaurants,
-        words=base.words,
-    )
 
 
 def value_tokens(value: Any) -> set[str]:
@@ -203,6 +154,3 @@ def pool_words(pool: Pool) -> set[str]:
         for item in seq:
             words |= value_tokens(item)
     return words
-
-
-TRAIN = widen(TRAIN_BASE, avoid=pool_words(VAL))
