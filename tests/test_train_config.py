@@ -22,15 +22,15 @@ def typed(*overrides):
 def test_bad_values_are_all_reported_at_once_naming_each_key():
     cfg = typed("train.train_sampling_strategy=by_length", "peft.r=0", "peft.lora_dropout=1.0", "train.optim=adamw_9bit", "train.neftune_noise_alpha=-1",
                 "train.report_to=[tensorbord]", "peft.init_lora_weights=svd", "train.warmup_steps=2.5",
-                "train.max_grad_norm=-1")
+                "train.max_grad_norm=-1", "train.loraplus_lr_ratio=0.5")
     with pytest.raises(ConfigError) as err:
         validate(cfg)
     text = str(err.value)
     for key in ("train.train_sampling_strategy='by_length'", "peft.r=0", "peft.lora_dropout=1.0", "train.optim='adamw_9bit'", "train.neftune_noise_alpha=-1",
                 "train.report_to has ['tensorbord']", "peft.init_lora_weights='svd'", "train.warmup_steps=2.5",
-                "train.max_grad_norm=-1"):
+                "train.max_grad_norm=-1", "train.loraplus_lr_ratio=0.5: must be >= 1"):
         assert key in text, key
-    assert len(err.value.problems) == 9
+    assert len(err.value.problems) == 10
 
 
 def test_lora_variant_combinations_that_cannot_work():

@@ -96,3 +96,21 @@ def test_pissa_adapter_is_saved_as_a_plain_lora_of_the_original_base(data, tmp_p
         original = load_base_model(cfg.model, cfg.quant, "cpu")
         reloaded = PeftModel.from_pretrained(original, str(tmp_path / "adapter")).eval()(input_ids=ids).logits
     assert torch.allclose(trained, reloaded, atol=1e-4), (trained - reloaded).abs().max()
+
+
+def test_loraplus_trains_b_matrices_at_ratio_times_the_learning_rate(data, tmp_path):
+    cfg = typed("train.loraplus_lr_ratio=16", "train.learning_rate=1e-3")
+    trainer = build_trainer(cfg, *data, tmp_path, "cpu")
+    optimizer = trainer.create_optimizer()
+    by_id = {id(p): n for n, p in trainer.model.named_parameters()}
+    lrs = {by_id[id(p)]: g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    assert lrs and set(lrs) == {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert {lr for n, lr in lrs.items() if "lora_A" in n} == {1e-3}
+    assert [lr for n, lr in lrs.items() if "lora_B" in n] == pytest.approx([1.6e-2] * (len(lrs) // 2))
+    trainer.train()  # the scheduler scales both groups from their own rates
+    assert trainer.state.global_step == 2
+
+
+def test_without_loraplus_every_lora_matrix_shares_one_learning_rate(data, tmp_path):
+    trainer = build_trainer(typed("train.learning_rate=1e-3"), *data, tmp_path, "cpu")
+    assert {g["lr"] for g in trainer.create_optimizer().param_groups} == {1e-3}

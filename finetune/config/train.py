@@ -46,6 +46,9 @@ class TrainConfig:
         "help": "Liger's Triton kernels for RMSNorm, RoPE and SwiGLU (CUDA only; pip install liger-kernel). The "
                 "loss already runs in trl's fused head, so Liger's fused cross-entropy stays off."})
     neftune_noise_alpha: Optional[float] = field(default=None, metadata={"help": "NEFTune noise (e.g. 5); null = off."})
+    loraplus_lr_ratio: Optional[float] = field(default=None, metadata={
+        "help": "LoRA+: the B matrices learn at learning_rate x this ratio, the A matrices at learning_rate "
+                "(peft's create_loraplus_optimizer; the paper suggests 16). null = one learning rate."})
     dataloader_num_workers: int = 0
     report_to: List[str] = field(
         default_factory=lambda: ["tensorboard"],
@@ -98,6 +101,9 @@ class TrainConfig:
         if self.neftune_noise_alpha is not None and self.neftune_noise_alpha <= 0:
             out.append(f"train.neftune_noise_alpha={self.neftune_noise_alpha}: must be positive (the paper uses "
                        "5-15), or null for no noise")
+        if self.loraplus_lr_ratio is not None and self.loraplus_lr_ratio < 1:
+            out.append(f"train.loraplus_lr_ratio={self.loraplus_lr_ratio}: must be >= 1 (B's rate over A's; the "
+                       "LoRA+ paper uses 16), or null for one learning rate")
         if self.train_sampling_strategy not in SAMPLING_STRATEGIES:
             out.append(f"train.train_sampling_strategy={self.train_sampling_strategy!r}: use one of "
                        f"{', '.join(SAMPLING_STRATEGIES)}")

@@ -59,7 +59,8 @@ def trainer_class():
     from finetune.train.loss_head import use_compact_head
 
     class FinetuneTrainer(SFTTrainer):
-        def __init__(self, *args, checkpoint_meta: dict, **kwargs):
+        def __init__(self, *args, checkpoint_meta: dict, loraplus_lr_ratio: float | None = None, **kwargs):
+            self.loraplus_lr_ratio = loraplus_lr_ratio  # read by create_optimizer, which train() calls later
             super().__init__(*args, **kwargs)
             use_compact_head(self)  # CPU: label positions only (finetune.train.loss_head)
             self.checkpoint_meta = checkpoint_meta  # what a resume must agree with (finetune.train.checkpoint)
@@ -67,6 +68,21 @@ def trainer_class():
             self._label_tokens_total = 0
             self._last_log_t: float | None = None
             self.label_tokens_per_s: list[float] = []
+
+        def create_optimizer(self, model=None):
+            ratio = self.loraplus_lr_ratio
+            if ratio is None or self.optimizer is not None:
+                return super().create_optimizer(model)
+            # LoRA+ through peft: B matrices at lr x ratio. The optimizer class and its kwargs are the ones
+            # train.optim would get, so adamw_8bit and the rest keep working.
+            from peft.optimizers import create_loraplus_optimizer
+
+            optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+            kwargs = {k: v for k, v in kwargs.items() if k != "lr"}
+            self.optimizer = create_loraplus_optimizer(
+                self.model, optimizer_cls, lr=self.args.learning_rate, loraplus_lr_ratio=ratio,
+                loraplus_weight_decay=self.args.weight_decay, **kwargs)
+            return self.optimizer
 
         def _save_checkpoint(self, model, trial):
             save_atomically(self, super()._save_checkpoint, model, trial, self.checkpoint_meta)
@@ -152,6 +168,7 @@ def build_trainer(cfg: FinetuneConfig, splits, tokenizer, run_dir: Path, device:
         callbacks=[NonFiniteGuard(), MetricsCallback(run_dir / "metrics.jsonl"), ConsoleProgress(),
                    *_tensorboard(cfg, run_dir)],
         checkpoint_meta=checkpoint_meta(cfg),
+        loraplus_lr_ratio=cfg.train.loraplus_lr_ratio,
     )
     for default in (ProgressCallback, PrinterCallback):  # they print each log record as a raw dict
         trainer.remove_callback(default)
