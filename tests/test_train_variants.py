@@ -107,8 +107,13 @@ def test_loraplus_trains_b_matrices_at_ratio_times_the_learning_rate(data, tmp_p
     assert lrs and set(lrs) == {n for n, p in trainer.model.named_parameters() if p.requires_grad}
     assert {lr for n, lr in lrs.items() if "lora_A" in n} == {1e-3}
     assert [lr for n, lr in lrs.items() if "lora_B" in n] == pytest.approx([1.6e-2] * (len(lrs) // 2))
-    trainer.train()  # the scheduler scales both groups from their own rates
+    trainer.train()
     assert trainer.state.global_step == 2
+    # the scheduler the training ran decays each group from its own rate
+    groups, bases = trainer.optimizer.param_groups, trainer.lr_scheduler.base_lrs
+    rate = {("B" if "lora_B" in by_id[id(g["params"][0])] else "A"): base
+            for g, base in zip(groups, bases) if g["params"]}
+    assert rate == {"A": 1e-3, "B": pytest.approx(1.6e-2)}
 
 
 def test_without_loraplus_every_lora_matrix_shares_one_learning_rate(data, tmp_path):
