@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from finetune.errors import FinetuneError
 from finetune.export.gguf import check_tokenizer, plan_gguf, rope_pairs
+from finetune.export.llamacpp import open_gguf
 from finetune.export.run import export_gguf
 from finetune.export.verify import llama_cpp_available
 from finetune.generate.generation import stop_token_ids
@@ -193,8 +194,6 @@ def llama_greedy(llm, prompt, stops, n=24):
 @needs_llama_cpp
 @pytest.mark.parametrize("quant", ["f16", "q8_0"])
 def test_llama_cpp_generates_what_transformers_generates(run, tmp_path, quant):
-    import llama_cpp
-
     out = export_gguf(export_cfg(run, f"export.quant={quant}", f"export.output={tmp_path}/{quant}",
                                  "export.verify=llama_cpp", f"export.prompts={run}/prompts.jsonl"), run)
     v = json.loads((out / "export.json").read_text())["verification"]
@@ -203,7 +202,7 @@ def test_llama_cpp_generates_what_transformers_generates(run, tmp_path, quant):
 
     tok = AutoTokenizer.from_pretrained(run / "merged")
     ref = AutoModelForCausalLM.from_pretrained(run / "merged", dtype=torch.float32)
-    llm = llama_cpp.Llama(model_path=str(gguf_file(out)), n_ctx=256, n_threads=2, verbose=False)
+    llm = open_gguf(gguf_file(out), n_ctx=256, n_threads=2, verbose=False)
     assert llm.metadata["general.architecture"] == "llama" and llm.n_vocab() == ref.config.vocab_size
     assert llm.token_eos() == 2 and llm.token_bos() == 1
     prompts = [_prompt_ids(tok, p) for p in PROMPTS]
@@ -215,13 +214,11 @@ def test_llama_cpp_generates_what_transformers_generates(run, tmp_path, quant):
 @needs_llama_cpp
 @pytest.mark.parametrize("digits", [False, True], ids=["gpt-2", "smollm"])
 def test_llama_cpp_tokenizes_like_transformers(run, llama_dir, tmp_path, digits):
-    import llama_cpp
-
     folder = build_tiny_llama(tmp_path / "m", digits=digits) if digits else llama_dir
     out = export_gguf(export_cfg(run, f"export.model={folder}", f"export.output={tmp_path}/o", "export.verify=none"),
                       None)
     tok = AutoTokenizer.from_pretrained(folder)
-    llm = llama_cpp.Llama(model_path=str(gguf_file(out)), n_ctx=256, n_threads=1, verbose=False,
+    llm = open_gguf(gguf_file(out), n_ctx=256, n_threads=1, verbose=False,
                           vocab_only=True)
     for text in TOKENIZER_PROBES:
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok(text)["input_ids"], text
@@ -230,8 +227,6 @@ def test_llama_cpp_tokenizes_like_transformers(run, llama_dir, tmp_path, digits)
 
 @needs_llama_cpp
 def test_llama_cpp_stops_at_im_end_by_itself_and_renders_chatml(run, f16):
-    import llama_cpp
-
     from finetune.export.verify import PROBE, LlamaCppReader
 
     tok = AutoTokenizer.from_pretrained(run / "merged")
@@ -244,7 +239,7 @@ def test_llama_cpp_stops_at_im_end_by_itself_and_renders_chatml(run, f16):
     default_turn = f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n"
     want = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     assert want.startswith(default_turn) and reader.render(chat) == want[len(default_turn):]
-    llm = llama_cpp.Llama(model_path=str(gguf_file(f16)), n_ctx=256, n_threads=2, verbose=False)
+    llm = open_gguf(gguf_file(f16), n_ctx=256, n_threads=2, verbose=False)
     text = tok.apply_chat_template(PROMPTS[1], tokenize=False, add_generation_prompt=True)
     res = llm.create_completion(text, max_tokens=24, temperature=0.0, top_k=1)
     assert res["choices"][0]["text"] == "Blue." and res["choices"][0]["finish_reason"] == "stop"

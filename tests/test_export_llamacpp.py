@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from finetune.export.llamacpp import open_gguf
 from finetune.export.run import export_gguf
 from finetune.generate.generation import stop_token_ids
 from tests.test_export_gguf import PROMPTS, _prompt_ids, export_cfg, greedy, make_run
@@ -45,7 +46,7 @@ def test_llama_cpp_generates_what_transformers_generates(run, tmp_path, quant):
     merged = run / "merged"
     tok = AutoTokenizer.from_pretrained(merged)
     ref_model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
-    llm = llama_cpp.Llama(model_path=str(out / f"demo-{quant}.gguf"), n_ctx=256, n_threads=2, verbose=False)
+    llm = open_gguf(out / f"demo-{quant}.gguf", n_ctx=256, n_threads=2, verbose=False)
     assert llm.metadata["tokenizer.chat_template"] == tok.chat_template
     assert llm.metadata["general.architecture"] == "qwen2" and llm.n_vocab() == ref_model.config.vocab_size
     prompts = [_prompt_ids(tok, p) for p in PROMPTS]
@@ -72,7 +73,7 @@ def test_llama_cpp_renders_the_chat_template_like_transformers(run, tmp_path):
 def test_llama_cpp_ends_the_reply_at_im_end_by_itself(run, tmp_path):
     """Without our stop list: llama.cpp's own end-of-generation set (what llama-server and Ollama stop on)."""
     out = export_gguf(export_cfg(run, f"export.output={tmp_path}/o", "export.verify=none"), run)
-    llm = llama_cpp.Llama(model_path=str(out / "demo-f16.gguf"), n_ctx=256, n_threads=2, verbose=False)
+    llm = open_gguf(out / "demo-f16.gguf", n_ctx=256, n_threads=2, verbose=False)
     tok = AutoTokenizer.from_pretrained(run / "merged")
     text = tok.apply_chat_template(PROMPTS[1], tokenize=False, add_generation_prompt=True)
     res = llm.create_completion(text, max_tokens=24, temperature=0.0, top_k=1)
@@ -84,9 +85,29 @@ def test_k_quant_through_llama_cpps_quantizer(run, tmp_path):
                                  f"export.prompts={run}/prompts.jsonl"), run)
     assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "demo-q4_k_m.gguf", "export.json"]  # no f16 left
     report = json.loads((out / "export.json").read_text())
-    llm = llama_cpp.Llama(model_path=str(out / "demo-q4_k_m.gguf"), n_ctx=64, verbose=False)
+    llm = open_gguf(out / "demo-q4_k_m.gguf", n_ctx=64, verbose=False)
     assert llm.metadata["general.file_type"] == "15"  # LLAMA_FTYPE_MOSTLY_Q4_K_M
     # 128-wide rows do not split into 256-value k-blocks: llama.cpp falls back to q5_0/q8_0 for those
     assert set(report["tensor_types"]) <= {"F32", "Q4_K", "Q6_K", "Q5_0", "Q8_0"} and "F16" not in report["tensor_types"]
     v = report["verification"]
     assert v["reader"] == "llama_cpp" and v["tokenizer_identical"] and v["identical_greedy_outputs"] == 4
+
+
+def test_repacked_weight_buffers_are_off_only_on_amx_cpus(monkeypatch):
+    """llama.cpp's AMX-repacked buffers crash decoding of quantized files (finetune/export/llamacpp.py)."""
+    from finetune.export import llamacpp as mod
+
+    assert mod.extra_buffers_crash({"avx2", "amx_int8", "amx_tile"})
+    assert not mod.extra_buffers_crash({"avx2", "avx512f", "avx512_bf16"})
+    seen = []
+
+    class Recorder:
+        def __init__(self, **kwargs):
+            seen.append(llama_cpp.llama_cpp.llama_model_default_params().use_extra_bufts)
+
+    monkeypatch.setattr(llama_cpp, "Llama", Recorder)
+    for crash in (True, False):
+        monkeypatch.setattr(mod, "extra_buffers_crash", lambda crash=crash: crash)
+        mod.open_gguf("unused.gguf")
+    assert seen == [False, True]
+    assert llama_cpp.llama_cpp.llama_model_default_params().use_extra_bufts  # the default is restored

@@ -64,10 +64,10 @@ class LlamaCppReader:
     name = "llama_cpp"
 
     def __init__(self, path: Path, n_ctx: int):
-        from llama_cpp import Llama
+        from finetune.export.llamacpp import open_gguf
 
         threads = min(4, os.cpu_count() or 1)
-        self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads,
+        self.llm = open_gguf(path, n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads,
                          n_threads_batch=threads, logits_all=True, verbose=False)
 
     def tokenize(self, text: str) -> list[int]:

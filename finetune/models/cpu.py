@@ -71,24 +71,38 @@ class DtypeChoice:
         return getattr(torch, self.dtype)
 
 
+def _cpuinfo(cpuinfo: str | None) -> str:
+    if cpuinfo is not None:
+        return cpuinfo
+    try:
+        return Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (x86 "flags", aarch64 "Features"); empty where there is none."""
+    flags: set[str] = set()
+    for line in _cpuinfo(cpuinfo).splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            flags.update(value.split())
+    return flags
+
+
 def detect_features(cpuinfo: str | None = None) -> CpuFeatures:
     """This CPU's model name, torch's vector capability and its native-bf16 flags (`cpuinfo`: the text of
     /proc/cpuinfo, read when not given; empty where there is none, e.g. macOS)."""
     import torch
 
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
-        except OSError:
-            cpuinfo = ""
-    model, flags = "", set()
+    cpuinfo = _cpuinfo(cpuinfo)
+    model = ""
     for line in cpuinfo.splitlines():
         key, _, value = line.partition(":")
-        key = key.strip().lower()
-        if key in ("model name", "cpu model") and not model:
+        if key.strip().lower() in ("model name", "cpu model"):
             model = value.strip()
-        elif key in ("flags", "features"):  # x86 "flags", aarch64 "Features"
-            flags.update(value.split())
+            break
+    flags = cpu_flags(cpuinfo)
     return CpuFeatures(model=model or platform.processor() or platform.machine(),
                        capability=torch.backends.cpu.get_cpu_capability(),
                        bf16_flags=tuple(f for f in BF16_FLAGS if f in flags))
