@@ -57,8 +57,8 @@ def _project(model, tokenizer, prompts, new_tokens: int, batch_size: int):
 def _llamacpp(gguf_path: Path, prompts, new_tokens: int, stops: list[int], threads: int):
     from finetune.export.llamacpp import open_gguf
 
-    llm = open_gguf(gguf_path, n_ctx=1024, n_threads=threads, n_threads_batch=threads,
-                n_batch=512, verbose=False)
+    llm = open_gguf(gguf_path, n_ctx=1024, n_threads=threads, n_threads_batch=threads, n_batch=512,
+                    verbose=False)
     outs = []
     t = time.perf_counter()
     for ids in prompts:

@@ -218,8 +218,7 @@ def test_llama_cpp_tokenizes_like_transformers(run, llama_dir, tmp_path, digits)
     out = export_gguf(export_cfg(run, f"export.model={folder}", f"export.output={tmp_path}/o", "export.verify=none"),
                       None)
     tok = AutoTokenizer.from_pretrained(folder)
-    llm = open_gguf(gguf_file(out), n_ctx=256, n_threads=1, verbose=False,
-                          vocab_only=True)
+    llm = open_gguf(gguf_file(out), n_ctx=256, n_threads=1, verbose=False, vocab_only=True)
     for text in TOKENIZER_PROBES:
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok(text)["input_ids"], text
     assert llm.metadata["tokenizer.ggml.pre"] == ("smollm" if digits else "gpt-2")

@@ -67,8 +67,8 @@ class LlamaCppReader:
         from finetune.export.llamacpp import open_gguf
 
         threads = min(4, os.cpu_count() or 1)
-        self.llm = open_gguf(path, n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads,
-                         n_threads_batch=threads, logits_all=True, verbose=False)
+        self.llm = open_gguf(path, n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads, n_threads_batch=threads,
+                             logits_all=True, verbose=False)
 
     def tokenize(self, text: str) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)

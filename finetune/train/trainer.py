@@ -77,10 +77,11 @@ def trainer_class():
             # train.optim would get, so adamw_8bit and the rest keep working.
             from peft.optimizers import create_loraplus_optimizer
 
-            optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+            opt_model = self.model if model is None else model
+            optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
             kwargs = {k: v for k, v in kwargs.items() if k != "lr"}
             self.optimizer = create_loraplus_optimizer(
-                self.model, optimizer_cls, lr=self.args.learning_rate, loraplus_lr_ratio=ratio,
+                opt_model, optimizer_cls, lr=self.args.learning_rate, loraplus_lr_ratio=ratio,
                 loraplus_weight_decay=self.args.weight_decay, **kwargs)
             return self.optimizer
 
