@@ -119,3 +119,19 @@ def test_loraplus_trains_b_matrices_at_ratio_times_the_learning_rate(data, tmp_p
 def test_without_loraplus_every_lora_matrix_shares_one_learning_rate(data, tmp_path):
     trainer = build_trainer(typed("train.learning_rate=1e-3"), *data, tmp_path, "cpu")
     assert {g["lr"] for g in trainer.create_optimizer().param_groups} == {1e-3}
+
+
+def test_cpu_bf16_training_feeds_lora_its_input_in_bf16_and_restores_peft_casting(data, tmp_path):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    trainer = build_trainer(typed("quant.compute_dtype=bfloat16"), *data, tmp_path, "cpu")
+    assert trainer.accelerator.native_amp  # accelerate autocasts the forward on CPU
+    layer = trainer.model.get_base_model().model.layers[0].self_attn.q_proj
+    seen = []
+    hook = layer.lora_A["default"].register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    trainer.train()
+    hook.remove()
+    # peft would have cast it to the fp32 adapter dtype (autocast then casting it back to bf16)
+    assert seen and set(seen) == {torch.bfloat16}
+    tuners = [m for m in trainer.model.modules() if isinstance(m, BaseTunerLayer)]
+    assert tuners and all(m.cast_input_dtype_enabled for m in tuners)  # peft's default again after training

@@ -85,6 +85,20 @@ def trainer_class():
                 loraplus_weight_decay=self.args.weight_decay, **kwargs)
             return self.optimizer
 
+        def train(self, *args, **kwargs):
+            # peft casts each LoRA input to the fp32 adapter dtype unless `torch.is_autocast_enabled()`, which
+            # without a device argument asks about CUDA only; under accelerate's CPU bf16 autocast the fp32
+            # copy is then cast straight back to bf16 for the LoRA matmul, and backward undoes both casts: four
+            # full-size copies per adapted layer and step that change no value (a bf16 -> fp32 -> bf16 round
+            # trip is exact). Profiled on the demo step (SmolLM2-135M nf4, 2,048 tokens, AMX Xeon, 2 cores):
+            # 474 of 4,439 copies, the [2016 x 576] and [2016 x 1536] ones. peft's own switch turns the cast off
+            # while accelerate autocasts the forward (on CUDA
+            # peft sees autocast and casts nothing anyway); evaluation and merging afterwards run as before.
+            from peft.helpers import disable_input_dtype_casting
+
+            with disable_input_dtype_casting(self.model, active=self.accelerator.native_amp):
+                return super().train(*args, **kwargs)
+
         def _save_checkpoint(self, model, trial):
             save_atomically(self, super()._save_checkpoint, model, trial, self.checkpoint_meta)
 

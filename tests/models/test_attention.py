@@ -88,3 +88,54 @@ def test_bounds_from_trl_cumulative_lengths_agree_with_position_ids():
     assert attention.document_bounds(pos, cu) == attention.document_bounds(pos) == [(0, 3), (3, 5), (5, 9)]
     # lengths that do not cover the row are not trusted: the position ids decide
     assert attention.document_bounds(pos, torch.tensor([0, 3, 5])) == [(0, 3), (3, 5), (5, 9)]
+
+
+def test_cpu_bf16_training_computes_packed_attention_in_fp32_when_that_measured_faster(monkeypatch):
+    import types
+
+    lens, heads, kv, dim = [37, 45, 29], 4, 2, 16
+    gen = torch.Generator().manual_seed(0)
+    q32, k32, v32 = (torch.randn(1, h, sum(lens), dim, generator=gen) for h in (heads, kv, kv))
+    pos = torch.cat([torch.arange(n) for n in lens])[None]
+    module = types.SimpleNamespace(is_causal=True, num_key_value_groups=heads // kv)
+    q32, k32, v32 = (x.bfloat16().float() for x in (q32, k32, v32))  # the inputs exact in bf16
+    want, _ = attention.sdpa_packed_forward(module, q32, k32, v32, None, position_ids=pos)  # fp32 throughout
+    asked, err = [], {}
+    for fp32 in (False, True):
+        monkeypatch.setattr(attention, "fp32_backward_faster", lambda *a, fp32=fp32: asked.append(a) or fp32)
+        q, k, v = (x.bfloat16().requires_grad_() for x in (q32, k32, v32))
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # as accelerate runs the training forward
+            out, _ = attention.sdpa_packed_forward(module, q, k, v, None, position_ids=pos)
+        assert out.dtype == torch.bfloat16
+        out.float().sum().backward()
+        assert all(x.grad is not None and x.grad.dtype == torch.bfloat16 for x in (q, k, v))
+        err[fp32] = ((out.float() - want).abs() / want.abs().clamp_min(1e-3)).max().item()
+    # in fp32 only the output's rounding to bf16 is left; were autocast let in, it would compute in bf16 again
+    assert err[True] <= 2 ** -7 < err[False]
+    assert asked[0] == (torch.bfloat16, heads, kv, dim, (29, 37, 45))
+    asked.clear()
+    with torch.no_grad():  # generation and scoring keep the compute dtype: nothing to measure
+        attention.sdpa_packed_forward(module, q32.bfloat16(), k32.bfloat16(), v32.bfloat16(), None, position_ids=pos)
+    assert asked == []
+
+
+def test_the_fp32_choice_is_measured_once_per_mean_length_and_kept(monkeypatch):
+    monkeypatch.setattr(attention, "_CHOICES", {})
+    probes = []
+
+    def probe(dtype, heads, kv, dim, lengths):
+        probes.append(lengths)
+        return (10.0, 5.0) if sum(lengths) / len(lengths) < 256 else (10.0, 9.5)
+
+    monkeypatch.setattr(attention, "probe_ms", probe)
+    assert attention.fp32_backward_faster(torch.bfloat16, 9, 3, 64, (140, 150, 160)) is True
+    assert attention.fp32_backward_faster(torch.bfloat16, 9, 3, 64, (135, 150, 170)) is True  # same bucket
+    assert attention.fp32_backward_faster(torch.bfloat16, 9, 3, 64, (300, 310)) is False  # a 9.5 vs 10 tie
+    assert probes == [(140, 150, 160), (300, 310)]
+    assert attention.probe_lengths([(0, 50), (50, 60), (60, 200), (200, 230), (230, 300)]) == (10, 30, 50, 140)
+    assert attention.choose_fp32(10.0, 9.0) is True and attention.choose_fp32(10.0, 9.2) is False
+
+
+def test_probe_times_both_ways_on_split_documents():
+    native, fp32 = attention.probe_ms(torch.bfloat16, 4, 2, 16, (9, 13))
+    assert 0 < native < 1e4 and 0 < fp32 < 1e4
