@@ -98,6 +98,17 @@ def test_train_keys_reach_trl_under_their_transformers_names(tmp_path):
     assert args.output_dir == str(tmp_path / "checkpoints") and args.save_total_limit == 2
 
 
+def test_eval_batches_as_many_packed_rows_as_training_unless_set(tmp_path):
+    # padding-free packing joins a batch into one row: 8 packed rows would be one forward of 8 x max_length
+    def eval_batch(*overrides):
+        return sft_config(typed(*overrides), tmp_path, "cpu", has_eval=True).per_device_eval_batch_size
+
+    assert eval_batch("train.per_device_train_batch_size=2") == 2
+    assert eval_batch("train.per_device_eval_batch_size=3") == 3
+    assert "per_device_eval_batch_size=0: must be a positive integer" in "\n".join(
+        typed("train.per_device_eval_batch_size=0").train.problems())
+
+
 def test_peft_variants_reach_peft():
     assert lora_config(typed("peft=dora").peft).use_dora
     rs = lora_config(typed("peft=rslora").peft)

@@ -92,7 +92,7 @@ def sft_config(cfg: FinetuneConfig, run_dir: Path, device: str, has_eval: bool):
         num_train_epochs=t.num_train_epochs,
         learning_rate=t.learning_rate,
         per_device_train_batch_size=t.per_device_train_batch_size,
-        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size or t.per_device_train_batch_size,
         gradient_accumulation_steps=accumulation,
         warmup_steps=t.warmup_steps,
         lr_scheduler_type=t.lr_scheduler_type,
