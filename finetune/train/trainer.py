@@ -96,7 +96,12 @@ def trainer_class():
             # peft sees autocast and casts nothing anyway); evaluation and merging afterwards run as before.
             from peft.helpers import disable_input_dtype_casting
 
-            with disable_input_dtype_casting(self.model, active=self.accelerator.native_amp):
+            from finetune.train.lora_forward import lean_lora_forward
+
+            # Plain LoRA layers without peft's full-size copy, scaling and addition (finetune.train.lora_forward),
+            # on CPU, where it was measured.
+            with disable_input_dtype_casting(self.model, active=self.accelerator.native_amp), \
+                    lean_lora_forward(self.model, active=self.args.device.type == "cpu"):
                 return super().train(*args, **kwargs)
 
         def _save_checkpoint(self, model, trial):
