@@ -49,7 +49,7 @@ def _forward(self, x, *args, **kwargs):
     result = self.base_layer(x)
     h = F.linear(x, self.lora_A[name].weight) * self.scaling[name]
     out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_B[name].weight.t())
-    return out.view(result.shape)
+    return out.view(result.shape).to(result.dtype)  # as peft's sum: the base output's dtype
 
 
 def lora_layers(model) -> list:

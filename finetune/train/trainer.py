@@ -92,8 +92,8 @@ def trainer_class():
             # full-size copies per adapted layer and step that change no value (a bf16 -> fp32 -> bf16 round
             # trip is exact). Profiled on the demo step (SmolLM2-135M nf4, 2,048 tokens, AMX Xeon, 2 cores):
             # 474 of 4,439 copies, the [2016 x 576] and [2016 x 1536] ones. peft's own switch turns the cast off
-            # while accelerate autocasts the forward (on CUDA
-            # peft sees autocast and casts nothing anyway); evaluation and merging afterwards run as before.
+            # while accelerate autocasts the forward (on CUDA peft sees autocast and casts nothing anyway);
+            # evaluation and merging afterwards run as before.
             from peft.helpers import disable_input_dtype_casting
 
             from finetune.train.lora_forward import lean_lora_forward

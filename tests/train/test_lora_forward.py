@@ -46,7 +46,8 @@ def test_same_loss_and_gradients_as_peft(quant):
     assert "forward" not in vars(layer) and not hasattr(layer, lora_forward._ORIGINAL)  # peft's forward again
 
 
-@pytest.mark.parametrize("lora", [{"use_dora": True}, {"lora_dropout": 0.1}, {"lora_bias": True, "init_lora_weights": True}])
+@pytest.mark.parametrize("lora", [
+    {"use_dora": True}, {"lora_dropout": 0.1}, {"lora_bias": True, "init_lora_weights": True}])
 def test_anything_but_plain_lora_runs_pefts_forward(lora):
     model = _peft_model("none", **lora)
     layer = lora_forward.lora_layers(model)[0]
