@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from pathlib import Path
 
 log = logging.getLogger("finetune.models.attention")
 
@@ -125,19 +126,51 @@ def choose_fp32(native_ms: float, fp32_ms: float, margin: float = PROBE_MARGIN) 
 _CHOICES: dict[tuple, bool] = {}
 
 
+def _choice_file(key: tuple) -> Path:
+    """Where this CPU + torch version keeps the choice for `key`: a probe within a few % of the margin would
+    otherwise flip between runs and, with it, the run's last digits (same as finetune.models.cpu's timing)."""
+    import hashlib
+    import json
+
+    import torch
+
+    from finetune.models.cpu import detect_features
+    from finetune.paths import cache_root
+
+    f = detect_features()
+    ident = json.dumps([f.model, f.capability, torch.__version__, str(key[0]), *key[1:]])
+    return cache_root() / "cpu" / f"attention-{hashlib.sha256(ident.encode()).hexdigest()[:16]}.json"
+
+
 def fp32_backward_faster(dtype, heads: int, kv_heads: int, head_dim: int, lengths: tuple[int, ...]) -> bool:
     """Whether this CPU trains the attention of packed documents of about these `lengths` faster with q, k, v
     cast to fp32 than in `dtype`: measured on the first row of each mean length (rounded up to PROBE_STEP) and
-    shape in a process (a few ms), then kept; logged."""
+    shape (a few ms), logged, and kept for the process and under `<cache>/cpu/` for this CPU."""
+    import json
+
+    from finetune.files import write_json_atomic
+
     mean = sum(lengths) / len(lengths)
     key = (dtype, heads, kv_heads, head_dim, PROBE_STEP * max(1, -(-int(mean) // PROBE_STEP)))
-    if key not in _CHOICES:
-        native, fp32 = probe_ms(dtype, heads, kv_heads, head_dim, lengths)
-        _CHOICES[key] = choose_fp32(native, fp32)
-        log.info("attention of packed documents on CPU (lengths %s, %d heads of %d): sdpa forward+backward %s "
-                 "%.2f ms, fp32 %.2f ms -> %s", "/".join(map(str, lengths)), heads, head_dim,
-                 str(dtype).replace("torch.", ""), native, fp32,
-                 "fp32 (cast around sdpa)" if _CHOICES[key] else "as computed")
+    if key in _CHOICES:
+        return _CHOICES[key]
+    path = _choice_file(key)
+    try:
+        _CHOICES[key] = bool(json.loads(path.read_text())["fp32"])
+        return _CHOICES[key]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    native, fp32 = probe_ms(dtype, heads, kv_heads, head_dim, lengths)
+    _CHOICES[key] = choose_fp32(native, fp32)
+    log.info("attention of packed documents on CPU (lengths %s, %d heads of %d): sdpa forward+backward %s "
+             "%.2f ms, fp32 %.2f ms -> %s", "/".join(map(str, lengths)), heads, head_dim,
+             str(dtype).replace("torch.", ""), native, fp32,
+             "fp32 (cast around sdpa)" if _CHOICES[key] else "as computed")
+    try:
+        write_json_atomic(path, {"lengths": list(lengths), "native_ms": native, "fp32_ms": fp32,
+                                 "fp32": _CHOICES[key]})
+    except OSError as e:  # a read-only cache costs a probe per process, nothing else
+        log.debug("cannot cache the attention choice at %s: %s", path, e)
     return _CHOICES[key]
 
 

@@ -119,7 +119,8 @@ def test_cpu_bf16_training_computes_packed_attention_in_fp32_when_that_measured_
     assert asked == []
 
 
-def test_the_fp32_choice_is_measured_once_per_mean_length_and_kept(monkeypatch):
+def test_the_fp32_choice_is_measured_once_per_mean_length_and_kept(monkeypatch, tmp_path):
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path))
     monkeypatch.setattr(attention, "_CHOICES", {})
     probes = []
 
@@ -132,6 +133,11 @@ def test_the_fp32_choice_is_measured_once_per_mean_length_and_kept(monkeypatch):
     assert attention.fp32_backward_faster(torch.bfloat16, 9, 3, 64, (135, 150, 170)) is True  # same bucket
     assert attention.fp32_backward_faster(torch.bfloat16, 9, 3, 64, (300, 310)) is False  # a 9.5 vs 10 tie
     assert probes == [(140, 150, 160), (300, 310)]
+    # a later process on this CPU takes the stored choices instead of timing again (runs stay reproducible)
+    monkeypatch.setattr(attention, "_CHOICES", {})
+    assert attention.fp32_backward_faster(torch.bfloat16, 9, 3, 64, (150, 150, 150)) is True
+    assert attention.fp32_backward_faster(torch.bfloat16, 9, 3, 64, (290, 320)) is False
+    assert len(probes) == 2 and len(list((tmp_path / "cpu").glob("attention-*.json"))) == 2
     assert attention.probe_lengths([(0, 50), (50, 60), (60, 200), (200, 230), (230, 300)]) == (10, 30, 50, 140)
     assert attention.choose_fp32(10.0, 9.0) is True and attention.choose_fp32(10.0, 9.2) is False
 
