@@ -42,6 +42,19 @@ def test_eval_loss_every_n_steps_and_at_the_end(run):
     assert summary["eval_loss"] == pytest.approx(evals[-1]["eval_loss"])
 
 
+def test_the_final_eval_loss_is_left_to_the_eval_stage_when_it_scores_the_same_rows(tmp_path):
+    """merge + eval on every validation row: the trainer makes no end-of-run eval pass (the eval stage's
+    target_loss is that loss, on the merged model); a periodic eval or eval.max_samples keeps the pass."""
+    res = run_cli("train", "train.max_steps=2", "device=cpu", "eval.max_new_tokens=4", "eval.compare_base=false",
+                  f"hydra.run.dir={tmp_path}")
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert not [r for r in records(tmp_path) if "eval_loss" in r]
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["eval_loss"] is None and summary["eval"]["target_loss"] > 0
+    log = (tmp_path / "train.log").read_text()
+    assert "final eval loss left to the eval stage" in log and "first validation batch is finite" in log
+
+
 def test_tensorboard_events_carry_the_training_scalars(run):
     out, _ = run
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -29,7 +29,7 @@ class NonFiniteTraining(FinetuneError):
     """The loss or the gradient norm became NaN / infinite; the message says at which step and what to try."""
 
 
-def _advice(args) -> str:
+def advice(args) -> str:
     return (f"Try a lower train.learning_rate (now {args.learning_rate:g}), keep gradient clipping on "
             f"(train.max_grad_norm, now {args.max_grad_norm:g}), quant.compute_dtype=float32 or bfloat16 instead "
             "of float16, and check the data rows of that step; the last good checkpoint is the newest under "
@@ -55,7 +55,7 @@ class NonFiniteGuard(TrainerCallback):
             raise NonFiniteTraining(
                 f"training diverged at step {state.global_step}: the adapter weights became NaN or infinite after "
                 f"this optimizer step (last logged loss: {_last_loss(state)}); nothing of this step was saved. "
-                + _advice(args))
+                + advice(args))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         for key in ("loss", "grad_norm"):
@@ -63,7 +63,7 @@ class NonFiniteGuard(TrainerCallback):
             if isinstance(value, (int, float)) and not math.isfinite(value):
                 raise NonFiniteTraining(
                     f"training diverged at step {state.global_step}: {key}={value} (loss {logs.get('loss')}, "
-                    f"grad_norm {logs.get('grad_norm')}); stopped before saving this step. " + _advice(args))
+                    f"grad_norm {logs.get('grad_norm')}); stopped before saving this step. " + advice(args))
 
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
@@ -74,7 +74,7 @@ class NonFiniteGuard(TrainerCallback):
         if isinstance(value, (int, float)) and not math.isfinite(value):
             raise NonFiniteTraining(
                 f"training diverged by step {state.global_step}: eval_loss={value} on the validation rows (last "
-                f"training loss {_last_loss(state)}); the adapter was not saved. " + _advice(args))
+                f"training loss {_last_loss(state)}); the adapter was not saved. " + advice(args))
 
 
 def _last_loss(state) -> Any:

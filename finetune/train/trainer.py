@@ -247,7 +247,7 @@ def train(cfg: FinetuneConfig, splits, tokenizer, run_dir: Path, *, resume_from:
         found = complete_checkpoints(run_dir / "checkpoints")
         raise TrainingStopped(stopper.received, trainer.state.global_step, found[-1] if found else None, run_dir)
 
-    eval_loss = _final_eval_loss(trainer)
+    eval_loss = _final_eval_loss(trainer, scored_later=_eval_scores_the_same_rows(cfg))
     _close_tensorboard(trainer)
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     rates = trainer.label_tokens_per_s
@@ -271,14 +271,40 @@ def train(cfg: FinetuneConfig, splits, tokenizer, run_dir: Path, *, resume_from:
     return result
 
 
-def _final_eval_loss(trainer) -> float | None:
-    """eval_loss at the last step: the periodic eval's when it ran there, else one more evaluate()."""
+def _eval_scores_the_same_rows(cfg: FinetuneConfig) -> bool:
+    """Whether the eval stage after training measures the loss on every validation row (its target_loss, on
+    the merged model, in the prefill that starts generation)."""
+    return bool(cfg.merge.enabled and cfg.eval.enabled and cfg.eval.loss and not cfg.eval.max_samples)
+
+
+def _final_eval_loss(trainer, *, scored_later: bool = False) -> float | None:
+    """eval_loss at the last step: the periodic eval's when it ran there, else one more evaluate().
+
+    With `scored_later` the eval stage computes that loss on the same rows anyway, so the trainer's own pass
+    is skipped (None): on the demo it took 8 s on an AMX Xeon and 71 s on a 2-core AVX2 EPYC (70 rows, 11,272
+    tokens; 2026-12-03). One validation batch still goes through the final weights, since only a forward shows
+    weights that are finite but overflow (NonFiniteGuard.on_evaluate): the adapter is not saved then.
+    """
     if trainer.eval_dataset is None:
         return None
     evals = [r for r in trainer.state.log_history if "eval_loss" in r]
     if evals and evals[-1]["step"] == trainer.state.global_step:
         return evals[-1]["eval_loss"]
-    return trainer.evaluate()["eval_loss"]
+    if not scored_later:
+        return trainer.evaluate()["eval_loss"]
+    import torch
+
+    from finetune.train.guards import NonFiniteTraining, advice
+
+    batch = next(iter(trainer.get_eval_dataloader()))
+    loss, _, _ = trainer.prediction_step(trainer.model, batch, prediction_loss_only=True)
+    if loss is not None and not torch.isfinite(loss).all():
+        raise NonFiniteTraining(
+            f"training diverged by step {trainer.state.global_step}: eval_loss={loss.item()} on the first "
+            "validation batch; the adapter was not saved. " + advice(trainer.args))
+    log.info("final eval loss left to the eval stage, which scores the same validation rows (target_loss); "
+             "the first validation batch is finite (loss %s)", "n/a" if loss is None else f"{float(loss):.4f}")
+    return None
 
 
 def check_ranks_agree(trainer) -> list[str]:

@@ -66,6 +66,9 @@ def test_resume_skips_a_damaged_checkpoint_and_says_why(artifacts, tmp_path):
     # warmup makes step 1's lr 0 and step 2's 1e30: the weights stay finite (~1e27) but the forward overflows,
     # which the final eval loss shows
     ([], "eval_loss=nan"),
+    # the same, where the eval stage scores every validation row and the trainer's final pass is left to it:
+    # one validation batch through the final weights still shows the overflow
+    (["eval.max_samples=null"], "eval_loss=nan on the first validation batch"),
     # no warmup: step 1 at lr=1e30 overflows the weights by step 2, which the per-step weight check sees
     (["train.warmup_steps=0", "train.max_steps=3"], "diverged at step 2"),
 ])
