@@ -316,3 +316,86 @@ def test_sampling_is_opt_in_and_seeded(model_and_val):
     texts = lambda cfg: [p["generated"] for p in evaluate_model(model, tok, val, cfg)[1]]  # noqa: E731
     assert texts(sampled) == texts(sampled)  # same seed, same draws: tuned and base see the same luck
     assert texts(sampled) != texts(greedy) and texts(greedy) == texts(greedy)
+
+
+def test_base_scores_are_reused_until_something_they_depend_on_changes(run, monkeypatch, tmp_path, caplog):
+    """The second evaluation of the same base on the same rows loads no base and reports the same base scores;
+    other rows or settings, eval.base_cache=false and a damaged entry each score the base again."""
+    import finetune.evaluation.base_cache as base_cache
+    import finetune.models.load
+
+    monkeypatch.setattr(base_cache, "entry_path", lambda key: tmp_path / f"{key}.json")
+    loads = []
+    real_load = finetune.models.load.load_base_model
+
+    def counting_load(*a, **kw):
+        loads.append(1)
+        return real_load(*a, **kw)
+
+    monkeypatch.setattr(finetune.models.load, "load_base_model", counting_load)
+    caplog.set_level("INFO", logger="finetune.eval")
+
+    def evaluate(*overrides):
+        loads.clear()
+        evaluate_run(make_cfg("eval.examples=1", *overrides)[1], run)
+        report = json.loads((run / "eval/report.json").read_text())
+        preds = [json.loads(line) for line in (run / "eval/predictions.jsonl").read_text().splitlines()]
+        return report, [p["base"] for p in preds], len(loads)
+
+    first, first_preds, n = evaluate()
+    assert n == 1 and "base_cached" not in first and len(list(tmp_path.glob("*.json"))) == 1
+    again, again_preds, n = evaluate()
+    assert n == 0 and again["base"] == first["base"] and again_preds == first_preds
+    speed = "generated_tokens_per_s"  # the tuned model's speed differs between runs
+    scores = lambda m: {k: v for k, v in m.items() if k != speed}  # noqa: E731
+    assert scores(again["delta"]) == scores(first["delta"])
+    assert again["base_cached"].startswith(str(tmp_path))
+    assert "Base scores reused" in (run / "eval/report.md").read_text()
+    assert "base scores of 8 rows reused" in caplog.text
+
+    # a setting that changes generation, fewer rows: scored again, each under its own entry
+    for overrides, entries in ((["eval.max_new_tokens=8"], 2), (["eval.max_samples=5"], 3)):
+        report, _, n = evaluate(*overrides)
+        assert n == 1 and "base_cached" not in report and len(list(tmp_path.glob("*.json"))) == entries
+    # a gate is applied after scoring: the entry still holds
+    assert evaluate("eval.gates.max_target_loss=1000")[2] == 0
+    # off: scored again, nothing written
+    for f in tmp_path.glob("*.json"):
+        f.unlink()
+    assert evaluate("eval.base_cache=false")[2] == 1 and not list(tmp_path.glob("*.json"))
+    # a damaged entry: scored again and rewritten
+    evaluate()
+    (entry,) = tmp_path.glob("*.json")
+    entry.write_text('{"metrics": {}, "predictions": [')
+    report, preds, n = evaluate()
+    assert n == 1 and scores(report["base"]) == scores(first["base"]) and "is damaged" in caplog.text
+    assert json.loads(entry.read_text())["predictions"] == preds
+
+
+def test_base_cache_key_follows_the_base_weights_and_the_tokenizer(run, tmp_path):
+    """A rewritten weight file or another chat template is another key; the same inputs give the same key."""
+    import finetune.evaluation.base_cache as base_cache
+
+    _, cfg = make_cfg()
+    base = tmp_path / "base"
+    shutil.copytree(run / "merged", base)
+    cfg.model.name_or_path = str(base)
+    rows = [{"messages": "[]", "target": "x"}]
+
+    def key(tok_dir=base):
+        return base_cache.cache_key(cfg, rows, tok_dir, "cpu", torch.float32)[0]
+
+    k = key()
+    assert key() == k
+    weights = next(base.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes())  # same bytes, rewritten: a new mtime
+    k2 = key()
+    assert k2 != k
+    template = base / "tokenizer_config.json"
+    template.write_text(template.read_text().replace("<|im_start|>", "<|im_start|> "))
+    k3 = key()
+    assert k3 != k2
+    rows[0]["target"] = "y"
+    assert key() != k3
+    cfg.model.name_or_path = "no-such-org/no-such-model"  # not in the local Hub cache: not cacheable
+    assert base_cache.cache_key(cfg, rows, base, "cpu", torch.float32) is None

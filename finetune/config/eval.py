@@ -55,6 +55,8 @@ class EvalConfig:
     seed: int = field(default=0, metadata={"help": "torch seed set before sampling, for repeatable scores."})
     constrain: str = field(default="none", metadata={"help": "none | json_schema (structured rows only)"})
     compare_base: bool = field(default=True, metadata={"help": "Also score the base model without the adapter."})
+    base_cache: bool = field(default=True, metadata={
+        "help": "Reuse the base's scores from an earlier run with the same base, rows, settings and code."})
     loss: bool = field(default=True, metadata={"help": "Loss and perplexity on the label tokens of each row."})
     loss_tokens_per_batch: int = field(
         default=4096, metadata={"help": "Padded tokens per loss forward; bounds the logits' memory."})

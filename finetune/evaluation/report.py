@@ -1,7 +1,8 @@
 """The evaluation report: eval/report.json, eval/report.md, eval/predictions.jsonl, plots/eval_metrics.png.
 
 report.json is the machine-readable contract (model cards and CI read it):
-    {"model", "settings", "metrics" (tuned), "base", "delta" (tuned - base), "gates", "gates_missed",
+    {"model", "settings", "metrics" (tuned), "base", "delta" (tuned - base), "base_cached" (the cache entry the
+     base's scores came from, finetune.evaluation.base_cache), "gates", "gates_missed",
      "checkpoints": [{"step", "metrics"}], "benchmarks": {"tuned"|"base": {task: {metric: value}}}}
 Keys other than model/settings/metrics/gates/gates_missed are present only when measured.
 """
@@ -93,6 +94,9 @@ def render_markdown(report: dict, preds: list[dict], examples: int) -> str:
              f"structured, {m.get('rows_text', 0)} free text); {report['settings']['decoding']}, max_new_tokens "
              f"{report['settings']['max_new_tokens']}, constrain {report['settings']['constrain']}.", ""]
     lines += metrics_table(report) + [""]
+    if report.get("base_cached"):
+        lines += [f"Base scores reused from an earlier run (`{report['base_cached']}`: same base weights, rows, "
+                  "tokenizer, eval settings, code and torch; `eval.base_cache=false` scores the base again).", ""]
     if "generated_tokens_per_s" in m:
         lines += [f"Generation: {m['generated_tokens_per_s']:.0f} new tokens/s (tuned).", ""]
     lines += ["## Gates", ""]

@@ -229,24 +229,45 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def _compare_base(cfg: FinetuneConfig, report: dict, preds: list[dict], val: Any, tokenizer: Any,
-                  run_dir: Path) -> list[dict]:
-    """Score the base without the adapter into report["base"] / ["delta"] (and each prediction's "base").
+                  run_dir: Path, tokenizer_dir: Path) -> list[dict]:
+    """Score the base without the adapter into report["base"] / ["delta"] (and each prediction's "base"),
+    or take those scores from an earlier run's (finetune.evaluation.base_cache) when nothing they depend on
+    changed.
 
     Returns the base as the step-0 point of the checkpoint history: LoRA starts with B = 0, so the
     model at step 0 is the base.
     """
-    from finetune.models.load import load_base_model, resolve_device
+    from finetune.evaluation import base_cache
+    from finetune.models.load import load_base_model, resolve_device, resolve_dtype
 
-    # Loaded unquantized, like the base the adapter was merged into; the tuned tokenizer (same
-    # vocabulary) renders the prompts, so only the weights differ.
-    base = load_base_model(cfg.model, cfg.quant, resolve_device(cfg.device), quantize=False)
-    report["base"], base_preds = evaluate_model(base, tokenizer, val, cfg)
+    device = resolve_device(cfg.device)
+    rows = [dict(r) for r in val][: cfg.eval.max_samples or None]  # the rows evaluate_model scores
+    key = (base_cache.cache_key(cfg, rows, tokenizer_dir, device, resolve_dtype(cfg.quant.compute_dtype, device))
+           if cfg.eval.base_cache else None)
+    cached = base_cache.load(key[0], len(rows)) if key else None
+    base = None
+    if cached is not None:
+        report["base"], base_rows = cached
+        report["base_cached"] = str(base_cache.entry_path(key[0]))
+        log.info("eval: base scores of %d rows reused from %s (same base weights, rows, tokenizer, eval settings, "
+                 "code and torch; eval.base_cache=false scores the base again)", len(rows), report["base_cached"])
+    else:
+        # Loaded unquantized, like the base the adapter was merged into; the tuned tokenizer (same
+        # vocabulary) renders the prompts, so only the weights differ.
+        base = load_base_model(cfg.model, cfg.quant, device, quantize=False)
+        report["base"], base_preds = evaluate_model(base, tokenizer, val, cfg)
+        base_rows = [{k: v for k, v in b.items() if k not in ("origin", "task", "messages", "target")}
+                     for b in base_preds]
+        if key:
+            base_cache.store(key[0], key[1], report["base"], base_rows)
     report["delta"] = deltas(report["metrics"], report["base"])
-    for p, b in zip(preds, base_preds):
-        p["base"] = {k: v for k, v in b.items() if k not in ("origin", "task", "messages", "target")}
+    for p, b in zip(preds, base_rows):
+        p["base"] = b
     if cfg.eval.tasks:
         from finetune.evaluation.harness import run_benchmarks
 
+        if base is None:  # lm-eval's scores are not part of the cache
+            base = load_base_model(cfg.model, cfg.quant, device, quantize=False)
         report["benchmarks"]["base"] = run_benchmarks(cfg, base, tokenizer, run_dir / "eval", tag="base")
     del base
     _release_memory()
@@ -306,7 +327,7 @@ def evaluate_run(cfg: FinetuneConfig, run_dir: Path, val=None) -> dict:
         report["benchmarks"] = {"tuned": run_benchmarks(cfg, model, tokenizer, run_dir / "eval")}
     del model
     _release_memory()
-    history = _compare_base(cfg, report, preds, val, tokenizer, run_dir) if cfg.eval.compare_base else []
+    history = _compare_base(cfg, report, preds, val, tokenizer, run_dir, merged) if cfg.eval.compare_base else []
     if cfg.eval.checkpoints:
         report["checkpoints"] = history + _checkpoint_history(cfg, run_dir, report["metrics"], val, tokenizer)
     gates = cfg.eval.gates.active()
