@@ -128,12 +128,13 @@ def quiet_console() -> None:
                 handler.addFilter(_ConsoleFilter())
 
 
-def setup(cfg, *, from_run: bool = False):
+def setup(cfg, *, from_run: bool = False, run_defaults: tuple[str, ...] = ()):
     """Validate a composed DictConfig into typed dataclasses.
 
     With from_run, the groups that describe the trained model (model, quant, peft, data, train, name)
     come from `<run>/config.yaml`, so `finetune merge run=...` uses what the run was trained with;
-    merge/eval/generate/device come from the command line.
+    merge/eval/generate/device come from the command line. A group named in `run_defaults` starts from the
+    run's saved values too, with this command line's `<group>.<key>=...` overrides on top (`run_group`).
     """
     from omegaconf import OmegaConf
 
@@ -156,7 +157,40 @@ def setup(cfg, *, from_run: bool = False):
                                 "the run's .hydra/config.yaml, or train again")
         cfg = OmegaConf.merge(cfg, {k: trained[k] for k in ("name", "model", "quant", "peft", "data", "train")
                                     if k in trained})
+        for group in run_defaults:
+            saved_group = run_group(trained, group)
+            if saved_group is not None:
+                cfg = OmegaConf.merge(cfg, {group: saved_group})
+                logging.getLogger("finetune").info("%s settings: the run's (%s), with this command line's %s.* overrides", group, saved, group)
     return validate(to_typed(cfg))
+
+
+def run_group(trained, group: str):
+    """The run's saved `group` with this command line's `group.key=value` overrides applied, or None where the
+    command line composes that group afresh (`eval=lm_harness`, an `experiment=`) or the run has none.
+
+    `finetune eval run=<demo run>` then decodes and gates as the demo's own evaluation did (its 80 new tokens
+    and its gates), not with the eval group's defaults (256 new tokens: the base's rambling took 383 s there
+    instead of 151 on a 2-core AVX2 EPYC, 2026-12-03)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    if group not in trained:
+        return None
+    given = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    parsed = OverridesParser.create().parse_overrides(given)
+    if any(o.key_or_group in (group, "experiment") for o in parsed):
+        return None
+    out = OmegaConf.create(OmegaConf.to_container(trained[group]))
+    for o in parsed:
+        if o.key_or_group.startswith(group + "."):
+            key = o.key_or_group[len(group) + 1:]
+            if o.is_delete():
+                OmegaConf.update(out, key, None, force_add=True)
+            else:
+                OmegaConf.update(out, key, o.value(), merge=False, force_add=True)
+    return out
 
 
 def run_dir() -> Path:

@@ -1,5 +1,8 @@
 """finetune eval run=<run dir> [eval.gates.exact_match=0.9 ...] [eval=lm_harness eval.tasks=[...]]
 
+The eval settings are the run's own (its config.yaml), with the command line's eval.* overrides on top;
+`eval=<option>` or `experiment=<name>` composes them afresh instead.
+
 Generates on the held-out rows with the merged model (and the base, for comparison), writes
 <run>/eval/report.{json,md} and predictions.jsonl, prints the tuned metrics as one JSON line, and
 exits 2 naming each gate missed.
@@ -16,7 +19,7 @@ register_configs()
 @hydra.main(version_base="1.3", config_path="../configs", config_name="run_task")
 def main(cfg: DictConfig) -> None:
     with user_errors():
-        typed = setup(cfg, from_run=True)
+        typed = setup(cfg, from_run=True, run_defaults=("eval",))
 
         import json
         from pathlib import Path

@@ -399,3 +399,25 @@ def test_base_cache_key_follows_the_base_weights_and_the_tokenizer(run, tmp_path
     assert key() != k3
     cfg.model.name_or_path = "no-such-org/no-such-model"  # not in the local Hub cache: not cacheable
     assert base_cache.cache_key(cfg, rows, base, "cpu", torch.float32) is None
+
+
+def test_cli_eval_starts_from_the_runs_own_eval_settings(run, tmp_path):
+    """`finetune eval run=X` decodes and gates as X's own evaluation did, with the command line's eval.* on
+    top; `eval=<option>` composes the group afresh."""
+    mine = tmp_path / "run"
+    shutil.copytree(run, mine, ignore=shutil.ignore_patterns("eval", "plots", "checkpoints"))
+    raw, _ = make_cfg("eval.max_new_tokens=6", "eval.compare_base=false", "eval.max_samples=3",
+                      "eval.gates.json_valid_rate=0.98")
+    (mine / "config.yaml").write_text(OmegaConf.to_yaml(raw, resolve=True))
+
+    res = run_cli("eval", f"run={mine}", "eval.max_samples=2")
+    assert res.returncode == 2 and "eval.gates.json_valid_rate missed" in res.stderr, res.stderr[-3000:]
+    report = json.loads((mine / "eval/report.json").read_text())
+    assert report["settings"]["max_new_tokens"] == 6 and report["metrics"]["rows"] == 2
+    assert "base" not in report and report["gates"] == {"json_valid_rate": 0.98}
+
+    res = run_cli("eval", f"run={mine}", "eval=default", "eval.compare_base=false", "eval.max_samples=2",
+                  "eval.max_new_tokens=5")
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads((mine / "eval/report.json").read_text())
+    assert report["settings"]["max_new_tokens"] == 5 and report["gates"] == {}
