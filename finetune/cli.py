@@ -161,7 +161,8 @@ def setup(cfg, *, from_run: bool = False, run_defaults: tuple[str, ...] = ()):
             saved_group = run_group(trained, group)
             if saved_group is not None:
                 cfg = OmegaConf.merge(cfg, {group: saved_group})
-                logging.getLogger("finetune").info("%s settings: the run's (%s), with this command line's %s.* overrides", group, saved, group)
+                logging.getLogger("finetune").info("%s settings: the run's (%s), with this command line's %s.* "
+                                                   "overrides", group, saved, group)
     return validate(to_typed(cfg))
 
 
@@ -183,13 +184,9 @@ def run_group(trained, group: str):
     if any(o.key_or_group in (group, "experiment") for o in parsed):
         return None
     out = OmegaConf.create(OmegaConf.to_container(trained[group]))
-    for o in parsed:
-        if o.key_or_group.startswith(group + "."):
-            key = o.key_or_group[len(group) + 1:]
-            if o.is_delete():
-                OmegaConf.update(out, key, None, force_add=True)
-            else:
-                OmegaConf.update(out, key, o.value(), merge=False, force_add=True)
+    for o in parsed:  # `~eval.key` never gets here: Hydra refuses to delete keys of the eval group
+        if o.key_or_group.startswith(group + ".") and not o.is_delete():
+            OmegaConf.update(out, o.key_or_group[len(group) + 1:], o.value(), merge=False, force_add=True)
     return out
 
 

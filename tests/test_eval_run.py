@@ -416,6 +416,11 @@ def test_cli_eval_starts_from_the_runs_own_eval_settings(run, tmp_path):
     assert report["settings"]["max_new_tokens"] == 6 and report["metrics"]["rows"] == 2
     assert "base" not in report and report["gates"] == {"json_valid_rate": 0.98}
 
+    res = run_cli("eval", f"run={mine}", "eval.gates.json_valid_rate=null", "eval.max_samples=2")  # gate dropped
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads((mine / "eval/report.json").read_text())
+    assert report["gates"] == {} and report["settings"]["max_new_tokens"] == 6
+
     res = run_cli("eval", f"run={mine}", "eval=default", "eval.compare_base=false", "eval.max_samples=2",
                   "eval.max_new_tokens=5")
     assert res.returncode == 0, res.stderr[-3000:]

@@ -1,7 +1,7 @@
 """The base model's scores, kept between runs: the base does not change when only the adapter does.
 
 Every `finetune train` with eval compares the tuned model with its base on the held-out rows, and the base's
-half of that costs as much as the tuned model's: on the demo, 13.9 of 26 s on an AMX Xeon and 135 of 259 s
+half of that costs as much as the tuned model's: on the demo, 13.9 of 26 s on an AMX Xeon and 151 of 269 s
 on a 2-core AVX2 EPYC (2026-12-03), where the base decodes the full 80 tokens on most rows. A second run with
 another learning rate or step count scores the same base on the same rows again, for the same numbers.
 

@@ -242,8 +242,12 @@ def _compare_base(cfg: FinetuneConfig, report: dict, preds: list[dict], val: Any
 
     device = resolve_device(cfg.device)
     rows = [dict(r) for r in val][: cfg.eval.max_samples or None]  # the rows evaluate_model scores
-    key = (base_cache.cache_key(cfg, rows, tokenizer_dir, device, resolve_dtype(cfg.quant.compute_dtype, device))
-           if cfg.eval.base_cache else None)
+    key = None
+    if cfg.eval.base_cache:
+        try:
+            key = base_cache.cache_key(cfg, rows, tokenizer_dir, device, resolve_dtype(cfg.quant.compute_dtype, device))
+        except OSError as e:  # a file that cannot be read for the key: the base is scored, as without the cache
+            log.warning("base scores not cached: %s", e)
     cached = base_cache.load(key[0], len(rows)) if key else None
     base = None
     if cached is not None:
