@@ -52,8 +52,8 @@ def _source_hash() -> str:
 
 def _folder_fingerprint(folder: Path) -> list:
     """(name, size, mtime_ns) of each file of a model folder; a rewritten weight file changes its mtime."""
-    return [(str(f.relative_to(folder)), f.stat().st_size, f.stat().st_mtime_ns)
-            for f in sorted(folder.rglob("*")) if f.is_file()]
+    return [(str(f.relative_to(folder)), st.st_size, st.st_mtime_ns)
+            for f in sorted(folder.rglob("*")) if f.is_file() for st in (f.stat(),)]
 
 
 def _base_weights(cfg) -> list | None:

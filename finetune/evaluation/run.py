@@ -158,6 +158,11 @@ def _generate(cfg: FinetuneConfig, model: Any, tokenizer: Any, rows: list[dict],
     return out, conts is not None
 
 
+def eval_rows(val: Any, cfg: FinetuneConfig) -> list[dict]:
+    """The rows evaluate_model scores: the first eval.max_samples of `val` (all without it)."""
+    return [dict(r) for r in val][: cfg.eval.max_samples or None]
+
+
 def evaluate_model(model: Any, tokenizer: Any, val: Any, cfg: FinetuneConfig) -> tuple[dict, list[dict]]:
     """Generate on the val rows (first eval.max_samples), score them, and measure target loss.
 
@@ -168,9 +173,7 @@ def evaluate_model(model: Any, tokenizer: Any, val: Any, cfg: FinetuneConfig) ->
     Returns:
         (metrics, per-row predictions with their scores).
     """
-    rows = [dict(r) for r in val]
-    if cfg.eval.max_samples:
-        rows = rows[: cfg.eval.max_samples]
+    rows = eval_rows(val, cfg)
     started = time.perf_counter()
     want_loss = bool(cfg.eval.loss and rows and "input_ids" in rows[0])
     gens, scored = _generate(cfg, model, tokenizer, rows, scored=want_loss)
@@ -241,7 +244,7 @@ def _compare_base(cfg: FinetuneConfig, report: dict, preds: list[dict], val: Any
     from finetune.models.load import load_base_model, resolve_device, resolve_dtype
 
     device = resolve_device(cfg.device)
-    rows = [dict(r) for r in val][: cfg.eval.max_samples or None]  # the rows evaluate_model scores
+    rows = eval_rows(val, cfg)
     key = None
     if cfg.eval.base_cache:
         try:
