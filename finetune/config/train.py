@@ -40,6 +40,9 @@ class TrainConfig:
     per_document_attention: bool = field(default=True, metadata={
         "help": "With packing and sdpa attention, attend within each packed document only (model attention "
                 "sdpa_packed): 1.74x at 2,048-token rows on CPU, the same losses."})
+    share_prefixes: bool = field(default=True, metadata={
+        "help": "With per-document attention, compute a prompt prefix that documents of a packed row share once "
+                "(finetune/train/shared_prefix.py): same labels and losses, fewer tokens."})
     gradient_checkpointing: Optional[bool] = field(
         default=None, metadata={"help": "None = on for quantized models on GPU, off otherwise."}
     )

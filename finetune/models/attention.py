@@ -8,7 +8,9 @@ that matters, and with an explicit mask torch's CPU kernel also keeps the whole 
 `sdpa_packed` (model.attn_implementation=sdpa_packed, registered with transformers' AttentionInterface) reads the
 document boundaries from the position ids and runs sdpa once per document with `is_causal=True` (no mask built
 into the kernel, flash-style kernel on CPU). Rows without restarts (generation, evaluation, unpacked batches)
-go to transformers' own sdpa unchanged, with the mask they come with. The outputs are those of sdpa with the
+go to transformers' own sdpa unchanged, with the mask they come with. A document that starts at position P > 0
+shares its first P tokens with the last document before it that starts at 0 (finetune.train.shared_prefix cut
+them): it attends to that document's keys and values at positions 0..P-1, then causally to its own. The outputs are those of sdpa with the
 block mask (tests/models/test_attention.py compares them and their gradients); the measured speed is in
 configs/model/smollm2_135m_instruct.yaml and benchmarks/train_throughput.py.
 """
@@ -39,7 +41,8 @@ PROBE_MARGIN = 1.1  # fp32 must win by this much; a near tie keeps the compute d
 
 def document_bounds(position_ids, cu_seq_lens=None) -> list[tuple[int, int]] | None:
     """[(start, end), ...] of the documents in a single packed row: the cumulative lengths trl's padding-free
-    collator passes (`cu_seq_lens_q`), else from position ids that restart at 0; None when there is more than
+    collator passes (`cu_seq_lens_q`), else from position ids that do not go on by one (a restart at 0, or at P
+    for a document that shares P tokens: finetune.train.shared_prefix); None when there is more than
     one row or the row is one document (nothing to split)."""
     if cu_seq_lens is not None and position_ids is not None and position_ids.shape[0] == 1:
         edges = [int(x) for x in cu_seq_lens.tolist()]
@@ -53,6 +56,14 @@ def document_bounds(position_ids, cu_seq_lens=None) -> list[tuple[int, int]] | N
         return None
     edges = [0, *starts, int(pos.shape[0])]
     return list(zip(edges[:-1], edges[1:]))
+
+
+def segment_first_positions(position_ids, bounds: list[tuple[int, int]]) -> list[int]:
+    """The position id each document of `bounds` starts at: 0, or the length of the prefix it shares with the last
+    document before it that starts at 0 (finetune.train.shared_prefix packs such rows)."""
+    if position_ids is None:
+        return [0] * len(bounds)
+    return position_ids[0, [start for start, _ in bounds]].tolist()
 
 
 def sdpa_packed_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
@@ -70,6 +81,7 @@ def sdpa_packed_forward(module, query, key, value, attention_mask, dropout: floa
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
     groups = getattr(module, "num_key_value_groups", 1)
+    firsts = segment_first_positions(kwargs.get("position_ids"), bounds)
     dtype = query.dtype
     if (query.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and torch.is_grad_enabled()
             and query.requires_grad
@@ -81,9 +93,23 @@ def sdpa_packed_forward(module, query, key, value, attention_mask, dropout: floa
     pieces = []
     # CPU autocast would cast fp32 inputs of sdpa straight back to bf16
     with torch.autocast("cpu", enabled=False) if query.dtype != dtype else contextlib.nullcontext():
-        for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2)):
-            pieces.append(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling,
-                                                         is_causal=True, enable_gqa=groups > 1))
+        anchor = None  # (k, v) of the last document that starts at position 0
+        for q, k, v, first in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2), firsts):
+            if first == 0:
+                anchor = (k, v)
+                pieces.append(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling,
+                                                             is_causal=True, enable_gqa=groups > 1))
+                continue
+            # A document whose first `first` tokens are the anchor's (finetune.train.shared_prefix): it attends to
+            # the anchor's keys and values of those positions, then causally to its own.
+            if anchor is None or anchor[0].shape[2] < first:
+                raise ValueError(f"sdpa_packed: a document starts at position {first} but no document before it "
+                                 f"starting at 0 has {first} tokens to share (shared-prefix packing is malformed)")
+            n = q.shape[2]
+            mask = torch.ones(n, first + n, dtype=torch.bool, device=q.device).tril(diagonal=first)
+            pieces.append(F.scaled_dot_product_attention(
+                q, torch.cat([anchor[0][:, :, :first], k], 2), torch.cat([anchor[1][:, :, :first], v], 2),
+                attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=groups > 1))
     out = torch.cat(pieces, dim=2).to(dtype)
     return out.transpose(1, 2).contiguous(), None
 

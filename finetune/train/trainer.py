@@ -172,7 +172,7 @@ def build_trainer(cfg: FinetuneConfig, splits, tokenizer, run_dir: Path, device:
         warn_if_busy()
     if model is None:
         model = load_base_model(cfg.model, cfg.quant, device)
-    use_packed_attention(model, cfg)
+    packed_attention = use_packed_attention(model, cfg)
     check_target_modules(model, cfg.peft, cfg.model.name_or_path)
     # A quantized base arrives frozen, its norms in the compute dtype or fp32 (quant.fp32_norms; see
     # finetune.models.load.prepare_quantized_base); checkpointing is
@@ -192,6 +192,10 @@ def build_trainer(cfg: FinetuneConfig, splits, tokenizer, run_dir: Path, device:
     )
     for default in (ProgressCallback, PrinterCallback):  # they print each log record as a raw dict
         trainer.remove_callback(default)
+    if packed_attention and cfg.train.share_prefixes and getattr(trainer.data_collator, "padding_free", False):
+        from finetune.train.shared_prefix import SharedPrefixCollator
+
+        trainer.data_collator = SharedPrefixCollator(trainer.data_collator)
     init_adapter(trainer, cfg, run_dir)
     # trl casts LoRA weights of quantized models to bf16 (the QLoRA paper's recipe). We keep them fp32: with
     # fp32 compute (CPU) bf16 weights make each step 2-3x slower, and on GPU an AdamW update below 2^-8 of a
