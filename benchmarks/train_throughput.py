@@ -304,7 +304,8 @@ def run_worker(arm: str, work: Path, evaluate: bool) -> dict:
         cfg = project_config(work, settings)
         splits = DataSplits(load_from_disk(work / "data" / "train"), None, {})
         result = train(cfg, splits, load_tokenizer(cfg.model), work / "project_run")  # TrainResult
-        seconds, steps, computed = result.seconds, result.steps, data["tokens"]  # padding-free: no pad tokens
+        # padding-free (no pad tokens), and fewer than the data's where shared-prefix packing cut prompt prefixes
+        seconds, steps, computed = result.seconds, result.steps, result.tokens_computed or data["tokens"]
         shutil.rmtree(adapter, ignore_errors=True)
         shutil.move(str(result.adapter_dir), adapter)
         shutil.rmtree(work / "project_run", ignore_errors=True)  # the next repeat must not resume from it
@@ -432,7 +433,9 @@ def summarize(model: str, runs: list[dict], data: dict, skipped: dict[str, str])
     for arm, r in best.items():
         computed = f"{r['computed_tokens'] / data['tokens']:.2f}" if r.get("computed_tokens") else "-"
         loss = f"{r['val_loss']:.4f}" if r.get("val_loss") is not None else "-"
-        if data.get("matmul_peak_gflops"):  # model FLOPs of the real tokens / seconds / measured peak
+        # model FLOPs of the real tokens / seconds / measured peak: the work the data asks for, so an arm that
+        # computes fewer tokens for it (shared prefixes: computed/real below 1) shows as a higher MFU
+        if data.get("matmul_peak_gflops"):
             r["mfu"] = round(data["train_flops_per_token"] * data["tokens"] / r["train_s"]
                              / (data["matmul_peak_gflops"] * 1e9), 3)
         print(f"  {arm:13s} {r['label_tokens_per_s']:11.1f} {r['train_s']:8.1f} {r['steps']:5d} {computed:>13s} "

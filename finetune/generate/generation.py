@@ -273,14 +273,25 @@ def _packed_prefill(model, ids, mask, conts):
     """The rows' prompt + continuation packed end to end, with per-document attention (finetune.models.attention),
     in forwards of about PACKED_PREFILL_TOKENS tokens; then each row's prompt keys and values are copied into the
     left-padded cache. Padding costs nothing here: the demo's 70 held-out rows are 11,272 tokens, which the
-    padded prefill computed as 14,852 (batches of 36, prompts and continuations each padded to the longest)."""
+    padded prefill computed as 14,852 (batches of 36, prompts and continuations each padded to the longest).
+
+    A row whose prompt begins with the same tokens as an earlier row's of its forward (chat template, system
+    prompt, instruction, schema) is cut to the tokens after them and reads the earlier row's keys and values
+    there, as training's shared-prefix packing does (finetune.models.attention.plan_shared_prefixes); the cut
+    keeps the prompt's last token, which predicts the first continuation token. Its cache takes those leading
+    columns from the earlier row. On the demo's eval (2-core AVX2 EPYC, fp32, 2026-12-03, the same merged
+    model scored minutes apart) the tuned model's 70 rows took 96.0 -> 76.9 s and the base's 110.1 -> 90.3 s, with
+    the same replies and metrics.
+    """
     import torch
     from transformers import DynamicCache
+
+    from finetune.models.attention import plan_shared_prefixes
 
     device = next(model.parameters()).device
     b, width = ids.shape
     lengths = mask.sum(1).tolist()
-    seqs = [torch.cat([ids[r, width - lengths[r]:], torch.tensor(conts[r][0], dtype=torch.long)]) for r in range(b)]
+    seqs = [ids[r, width - lengths[r]:].tolist() + list(conts[r][0]) for r in range(b)]
     groups: list[list[int]] = [[]]
     for r in range(b):
         if groups[-1] and sum(len(seqs[i]) for i in groups[-1]) + len(seqs[r]) > PACKED_PREFILL_TOKENS:
@@ -292,22 +303,30 @@ def _packed_prefill(model, ids, mask, conts):
     sums = torch.zeros(b, dtype=torch.float32, device=device)  # float32: MPS has no float64
     counts = [0] * b
     for group in groups:
-        flat = torch.cat([seqs[r] for r in group]).to(device)
-        positions = torch.cat([torch.arange(len(seqs[r])) for r in group]).to(device)
+        # the cut stops before the prompt's last token (index lengths[r] - 1)
+        order, shared, anchor = plan_shared_prefixes([seqs[r] for r in group], [lengths[r] for r in group])
+        rows = [group[i] for i in order]
+        cut = {group[i]: shared[i] for i in order}
+        source = {group[i]: group[anchor[i]] for i in order}
+        flat = torch.tensor([t for r in rows for t in seqs[r][cut[r]:]], dtype=torch.long, device=device)
+        positions = torch.tensor([p for r in rows for p in range(cut[r], len(seqs[r]))], device=device)
+        offset, start = 0, {}
+        for r in rows:
+            start[r] = offset - cut[r]  # flat index of the row's token t (t >= its cut) is start[r] + t
+            offset += len(seqs[r]) - cut[r]
         cache = DynamicCache(config=model.config)
         hidden = decoder(input_ids=flat[None], position_ids=positions[None], use_cache=True,
                          **{_cache_kwarg(decoder): cache}).last_hidden_state[0]
-        where, gold, owner, offset = [], [], [], 0
-        for r in group:
+        where, gold, owner = [], [], []
+        for r in rows:
             p = lengths[r]
             cont, labelled = conts[r]
             for t, (tok, m) in enumerate(zip(cont, labelled)):
-                if m:  # position offset+p-1+t (the last prompt token, then the continuation) predicts cont[t]
-                    where.append(offset + p - 1 + t)
+                if m:  # token p-1+t of the row (the last prompt token, then the continuation) predicts cont[t]
+                    where.append(start[r] + p - 1 + t)
                     gold.append(tok)
                     owner.append(r)
             counts[r] = sum(1 for m in labelled if m)
-            offset += len(seqs[r])
         if where:
             nll = _token_nll(model, hidden[torch.tensor(where, device=device)], torch.tensor(gold, device=device))
             sums.index_add_(0, torch.tensor(owner, device=device), nll)
@@ -316,12 +335,12 @@ def _packed_prefill(model, ids, mask, conts):
             if len(keys) <= layer_idx:
                 keys.append(k.new_zeros((b, k.shape[0], width - 1, k.shape[2])))
                 values.append(v.new_zeros((b, v.shape[0], width - 1, v.shape[2])))
-            offset = 0
-            for r in group:
-                p = lengths[r]  # prompt columns width-p .. width-2 (all but its last token)
-                keys[layer_idx][r, :, width - p:width - 1] = k[:, offset:offset + p - 1]
-                values[layer_idx][r, :, width - p:width - 1] = v[:, offset:offset + p - 1]
-                offset += len(seqs[r])
+            for r in rows:
+                p, c, a = lengths[r], cut[r], source[r]  # prompt columns width-p .. width-2 (all but its last)
+                keys[layer_idx][r, :, width - p:width - p + c] = k[:, start[a]:start[a] + c]
+                values[layer_idx][r, :, width - p:width - p + c] = v[:, start[a]:start[a] + c]
+                keys[layer_idx][r, :, width - p + c:width - 1] = k[:, start[r] + c:start[r] + p - 1]
+                values[layer_idx][r, :, width - p + c:width - 1] = v[:, start[r] + c:start[r] + p - 1]
         del cache, hidden
     out = DynamicCache(config=model.config)
     for layer_idx, (k, v) in enumerate(zip(keys, values)):

@@ -58,6 +58,59 @@ def document_bounds(position_ids, cu_seq_lens=None) -> list[tuple[int, int]] | N
     return list(zip(edges[:-1], edges[1:]))
 
 
+# Shorter common prefixes are left alone: each shared document costs one masked sdpa call per layer instead of a
+# causal one, which is worth it only for more than a few tokens.
+MIN_SHARED = 8
+
+
+def _common(a, b) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def plan_shared_prefixes(docs: list[list[int]], first_labels: list[int], min_shared: int = MIN_SHARED):
+    """Which documents of a packed row take their leading tokens from an earlier one (the layout sdpa_packed
+    reads: a document starting at position P attends to the last document before it that starts at 0).
+
+    `docs` are token lists; `first_labels[d]` the index of d's first token that must be predicted (the cut keeps
+    the token before it, whose hidden state predicts it). Returns (order, shared, anchor): `order` lists the
+    documents, each anchor followed by those that share its prefix; `shared[d]` is how many leading tokens d
+    takes from `anchor[d]` (0 and itself for anchors). One level: a document that shares is not shared from.
+    """
+    if min_shared < 2:
+        raise ValueError(f"min_shared={min_shared}: must be >= 2")
+    anchors: list[int] = []
+    followers: dict[int, list[int]] = {}
+    shared = [0] * len(docs)
+    anchor = list(range(len(docs)))
+    for d, tokens in enumerate(docs):
+        best, best_anchor = 0, None
+        for a in anchors:
+            n = _common(docs[a], tokens)
+            if n > best:
+                best, best_anchor = n, a
+        best = min(best, first_labels[d] - 1, len(tokens) - 1)
+        if best_anchor is not None and best >= min_shared:
+            shared[d], anchor[d] = best, best_anchor
+            followers[best_anchor].append(d)
+        else:
+            anchors.append(d)
+            followers[d] = []
+    order = [d for a in anchors for d in (a, *followers[a])]
+    # A document that starts at position P must not continue the one before it (P = its last position + 1),
+    # or the attention could not tell them apart; one token less shared settles it.
+    last = None
+    for d in order:
+        if shared[d] and last is not None and shared[d] == last + 1:
+            shared[d] -= 1  # still >= 1: min_shared >= 2
+        last = len(docs[d]) - 1  # a document's last position, shared or not
+    return order, shared, anchor
+
+
 def segment_first_positions(position_ids, bounds: list[tuple[int, int]]) -> list[int]:
     """The position id each document of `bounds` starts at: 0, or the length of the prefix it shares with the last
     document before it that starts at 0 (finetune.train.shared_prefix packs such rows)."""

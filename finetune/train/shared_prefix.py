@@ -26,67 +26,31 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from finetune.models.attention import MIN_SHARED
+
 log = logging.getLogger("finetune.train.shared_prefix")
 
-# Shorter common prefixes are left alone: each shared document costs one masked sdpa call per layer instead of a
-# causal one, which is worth it only for more than a few tokens.
-MIN_SHARED = 8
 # trl's collator keys that describe documents by their starts at position 0 (varlen kernels, linear-attention
 # convolutions): wrong once a document starts at P > 0, so they are dropped where a row was shared (sdpa_packed
 # reads the documents from the position ids).
 _VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
 
 
-def _common(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def plan_row(ids: list[int], labels: list[int], positions: list[int], min_shared: int = MIN_SHARED):
     """The shared layout of one flattened padding-free row (documents start where position ids are 0).
 
     Returns (docs, order, shared), or None when the row does not start a document at 0: `docs` are the
-    documents' (start, end), `order` lists the documents' indexes, each anchor followed by the documents that
-    share its prefix; `shared[d]` is how many leading tokens document d takes from its anchor (0 for anchors).
+    documents' (start, end); `order` and `shared` as finetune.models.attention.plan_shared_prefixes gives them,
+    each document keeping at least the token before its first label (it predicts that label).
     """
+    from finetune.models.attention import plan_shared_prefixes
+
     starts = [i for i, p in enumerate(positions) if p == 0]
     if not starts or starts[0] != 0:
         return None
-    ends = starts[1:] + [len(ids)]
-    docs = list(zip(starts, ends))
-    anchors: list[int] = []
-    followers: dict[int, list[int]] = {}
-    shared = [0] * len(docs)
-    for d, (s, e) in enumerate(docs):
-        tokens = ids[s:e]
-        first_label = next((t for t in range(e - s) if labels[s + t] != -100), e - s)
-        best, best_anchor = 0, None
-        for a in anchors:
-            sa, ea = docs[a]
-            n = _common(ids[sa:ea], tokens)
-            if n > best:
-                best, best_anchor = n, a
-        # keep the token before the first label: it predicts that label, and its own label is -100
-        best = min(best, first_label - 1, e - s - 1)
-        if best_anchor is not None and best >= min_shared:
-            shared[d] = best
-            followers[best_anchor].append(d)
-        else:
-            anchors.append(d)
-            followers[d] = []
-    order = [d for a in anchors for d in (a, *followers[a])]
-    # A document that starts at position P must not continue the one before it (P = its last position + 1),
-    # or the attention could not tell them apart; one token less shared settles it.
-    last = None
-    for d in order:
-        s, e = docs[d]
-        if shared[d] and last is not None and shared[d] == last + 1:
-            shared[d] -= 1  # still >= 1: min_shared >= 2
-        last = e - s - 1  # a document's last position, shared or not
+    docs = list(zip(starts, starts[1:] + [len(ids)]))
+    first_labels = [next((t for t in range(e - s) if labels[s + t] != -100), e - s) for s, e in docs]
+    order, shared, _ = plan_shared_prefixes([ids[s:e] for s, e in docs], first_labels, min_shared)
     return docs, order, shared
 
 

@@ -35,6 +35,8 @@ class TrainResult:
     resumed_from: Path | None = None
     label_tokens_per_s: float | None = None
     peak_memory_mb: float | None = None
+    # tokens the training forwards computed (trl's count; shared-prefix packing makes it less than the data's)
+    tokens_computed: int | None = None
     rank_checksums: list[str] = field(default_factory=list)  # SHA-256 of the adapter on each process
 
 
@@ -265,6 +267,7 @@ def train(cfg: FinetuneConfig, splits, tokenizer, run_dir: Path, *, resume_from:
         resumed_from=resume_from,
         label_tokens_per_s=round(sum(rates) / len(rates), 1) if rates else None,
         peak_memory_mb=round(peak_memory_mb(), 1),
+        tokens_computed=int(getattr(trainer, "_total_train_tokens", 0)) or None,
     )
     result.rank_checksums = check_ranks_agree(trainer)
     save_adapter(trainer, cfg, run_dir, {"steps": result.steps,
