@@ -9,9 +9,9 @@ that matters, and with an explicit mask torch's CPU kernel also keeps the whole 
 document boundaries from the position ids and runs sdpa once per document with `is_causal=True` (no mask built
 into the kernel, flash-style kernel on CPU). Rows without restarts (generation, evaluation, unpacked batches)
 go to transformers' own sdpa unchanged, with the mask they come with. A document that starts at position P > 0
-shares its first P tokens with the last document before it that starts at 0 (finetune.train.shared_prefix cut
-them): it attends to that document's keys and values at positions 0..P-1, then causally to its own. The outputs are those of sdpa with the
-block mask (tests/models/test_attention.py compares them and their gradients); the measured speed is in
+shares its first P tokens with the last document before it that starts at 0 (shared-prefix packing cut them:
+finetune.train.shared_prefix, and eval's packed prefill): it attends to that document's keys and values at
+positions 0..P-1, then causally to its own. The outputs are those of sdpa with the block mask (tests/models/test_attention.py compares them and their gradients); the measured speed is in
 configs/model/smollm2_135m_instruct.yaml and benchmarks/train_throughput.py.
 """
 from __future__ import annotations

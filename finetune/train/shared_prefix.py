@@ -2,8 +2,8 @@
 
 The documents of a packed row often begin with the same tokens: the chat template's system prompt, the task's
 instruction, a structured row's schema. The demo's 440 training rows are 71,857 tokens, 54,349 of them prompt;
-in a 2,048-token row of about 14 documents, a document shares on average some 60 leading tokens with an earlier
-one. Computing those once is exact: a causal model's keys and values at positions 0..P-1 depend only on tokens
+packed by trl into 36 rows of 2,048 tokens, 23,861 of them (33%, 54 a document) repeat an earlier document's
+leading tokens in their row. Computing those once is exact: a causal model's keys and values at positions 0..P-1 depend only on tokens
 0..P-1, so a document that repeats them may attend to another document's keys and values there instead of its
 own, and the gradient that flowed into both copies flows into the one.
 
@@ -12,8 +12,8 @@ each document (after the first of its kind) whose first P prompt tokens equal th
 (its anchor) is cut to its last tokens and given position ids P, P+1, ...; it moves right after its anchor, so
 the anchor is always the last document before it that starts at position 0. The per-document attention
 (finetune.models.attention.sdpa_packed) reads that layout from the position ids. What is cut is prompt only:
-P stops before the document's first label token (and one token short of it, so the label shift never reaches
-across a cut), so the labels, the label count the loss is divided by and the optimizer steps are those of the
+P stops one token before the document's first label (that token's hidden state predicts the label, and the
+label shift never reaches across a cut), so the labels, the label count the loss is divided by and the optimizer steps are those of the
 row unshared; only the arithmetic order differs (tests/test_shared_prefix.py compares losses and gradients, and
 5 training steps). LoRA dropout draws its random masks per computed token, so with dropout a run takes another,
 equally likely, random path than it would unshared.
@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from finetune.models.attention import MIN_SHARED
+from finetune.models.attention import MIN_SHARED, plan_shared_prefixes
 
 log = logging.getLogger("finetune.train.shared_prefix")
 
@@ -43,8 +43,6 @@ def plan_row(ids: list[int], labels: list[int], positions: list[int], min_shared
     documents' (start, end); `order` and `shared` as finetune.models.attention.plan_shared_prefixes gives them,
     each document keeping at least the token before its first label (it predicts that label).
     """
-    from finetune.models.attention import plan_shared_prefixes
-
     starts = [i for i, p in enumerate(positions) if p == 0]
     if not starts or starts[0] != 0:
         return None
@@ -82,10 +80,6 @@ class SharingStats:
     documents: int = 0
     documents_shared: int = 0
     logged: bool = field(default=False, repr=False)
-
-    @property
-    def saved_fraction(self) -> float:
-        return 1 - self.tokens_after / self.tokens_before if self.tokens_before else 0.0
 
 
 class SharedPrefixCollator:
