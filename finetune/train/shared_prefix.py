@@ -74,7 +74,6 @@ def share_row(ids: list[int], labels: list[int], positions: list[int], min_share
 
 @dataclass
 class SharingStats:
-    rows: int = 0
     tokens_before: int = 0
     tokens_after: int = 0
     documents: int = 0
@@ -107,7 +106,6 @@ class SharedPrefixCollator:
         before = ids.shape[1]
         row = share_row(ids[0].tolist(), labels[0].tolist(), positions[0].tolist(), self.min_shared)
         st = self.stats
-        st.rows += 1
         st.tokens_before += before
         st.documents += int((positions[0] == 0).sum())
         if row is None:
