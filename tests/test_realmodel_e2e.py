@@ -22,7 +22,7 @@ from tests.support import run_cli
 pytestmark = pytest.mark.realmodel
 
 # A shrunk demo: 24 extraction + 4 chat rows to train on, 12 steps of 2 x 384 tokens (about one epoch), the
-# demo's learning rate 1e-3; 6 held-out extraction rows, generation up to 96 tokens as in the demo (the base
+# demo's learning rate 2e-3; 6 held-out extraction rows, generation up to 96 tokens as in the demo (the base
 # rambles to the limit, so that caps its time).
 TRAIN = ("experiment=demo", "train.max_steps=12", "train.gradient_accumulation_steps=2", "train.save_steps=100",
          "data.max_length=384", "data.sources.0.max_samples=24", "data.sources.1.max_samples=6",
