@@ -27,7 +27,7 @@ OVERRIDES = [
     "quant=none", "quant.compute_dtype=float32", "device=cpu", f"train.max_steps={STEPS}", "train.seed=42",
     "train.save_steps=1000",
     "train.report_to=[]", "merge.enabled=false", "eval.enabled=false",
-    "data.cache=false",  # the data cache is keyed by a hand-bumped CODE_VERSION: a stale entry would hide a change
+    "data.cache=false",  # build the rows afresh: the golden losses must come from this code, not from any cache
     # pinned here, so that a change of the demo's default data mix is not mistaken for a training change
     "data.sources=[{path:demo:structured_train.jsonl,format:structured,split:train},"
     "{path:demo:structured_val.jsonl,format:structured,split:val}]",

@@ -54,6 +54,25 @@ def test_changed_settings_rebuild(make_cfg, tiny_tok, cache_dir, write_jsonl, ch
     assert _hit(_run(make_cfg, tiny_tok, cache_dir, path, train_on="everything"))
 
 
+def test_changed_preprocessing_code_rebuilds(make_cfg, tiny_tok, cache_dir, write_jsonl, chat, tmp_path,
+                                             monkeypatch):
+    # The key hashes the builders' source: a change to a renderer (here a stand-in file) must not reuse rows
+    # the old code rendered, as it once did when only a hand-bumped version was hashed.
+    from finetune.data import cache
+
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "render.py").write_text("SKETCH = 'a|b'\n")
+    monkeypatch.setattr(cache, "CODE_PATHS", (code,))
+    path = write_jsonl([chat()])
+    first = _run(make_cfg, tiny_tok, cache_dir, path)
+    assert _hit(_run(make_cfg, tiny_tok, cache_dir, path))
+    (code / "render.py").write_text("SKETCH = '(a|b)'\n")
+    cache._CODE_HASH.clear()  # the hash is read once per process; a new process reads the edited file
+    again = _run(make_cfg, tiny_tok, cache_dir, path)
+    assert not _hit(again) and again.stats["cache"]["key"] != first.stats["cache"]["key"]
+
+
 def test_default_location_follows_finetune_cache(make_cfg, tiny_tok, tmp_path, write_jsonl, chat, monkeypatch):
     monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "fc"))
     splits = build_datasets(make_cfg(write_jsonl([chat()]), cache=True), tiny_tok)
