@@ -1,6 +1,8 @@
 """Where things live: shipped configs and recipes (checkout or installed wheel), demo data, caches."""
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 from pathlib import Path
 
@@ -23,3 +25,17 @@ def cache_root() -> Path:
     """Root of everything we cache (embedded model, preprocessed data); FINETUNE_CACHE overrides."""
     env = os.environ.get("FINETUNE_CACHE")
     return Path(env) if env else Path.home() / ".cache" / "finetune"
+
+
+@functools.lru_cache(maxsize=None)
+def source_hash(*roots: Path) -> str:
+    """sha256 of the source under `roots` (every .py file of a folder, or the file itself), by path and bytes.
+
+    Read once per process: cache keys use it so that a change to the code that made an entry never reuses it.
+    """
+    h = hashlib.sha256()
+    for root in roots:
+        for f in sorted(root.rglob("*.py")) if root.is_dir() else [root]:
+            h.update(str(f.relative_to(PACKAGE_DIR) if f.is_relative_to(PACKAGE_DIR) else f).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()

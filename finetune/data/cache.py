@@ -4,8 +4,8 @@ The key hashes everything the output depends on: each source's bytes, the tokeni
 serialized pipeline: vocab, merges, normalizer, special tokens), the chat template, the data config
 (format, columns, masking, length policy, seed, ...) and the source of the preprocessing code itself
 (`finetune/data/*.py` and its config), so that editing a builder never serves rows rendered by the old
-code. Entries are written to a temp
-folder and renamed into place, so a crash never leaves a half-written entry under a real key.
+code. Entries are written to a temp folder and renamed into place, so a crash never leaves a half-written
+entry under a real key.
 """
 from __future__ import annotations
 
@@ -19,17 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from finetune.data.sources import fingerprint
-from finetune.paths import cache_root
+from finetune.paths import PACKAGE_DIR, cache_root, source_hash
 from finetune.config.data import DataConfig
 
-# Bump when the preprocessing code changes what it produces for the same inputs. The key also hashes the
-# code's source (`_code_hash`): a hand-bumped version alone once served the old prompts after the schema
+# What decides the rows: the builders, renderers and length policy, and the config they read. Their source is
+# hashed into the key; a hand-bumped version number before it once served the old prompts after the schema
 # sketch changed (2026-12-04, the demo trained on stale rows with a "cache hit").
-CODE_VERSION = "2"  # 2: tools, per-turn rows, tools column, dedup-aware split
-_PACKAGE = Path(__file__).resolve().parent.parent
-# What decides the rows: the builders, renderers and length policy, and the config they read.
-CODE_PATHS = (_PACKAGE / "data", _PACKAGE / "config" / "data.py")
-_CODE_HASH: dict[tuple, str] = {}
+CODE_PATHS = (PACKAGE_DIR / "data", PACKAGE_DIR / "config" / "data.py")
 _DONE = "stats.json"  # written last inside the entry
 
 
@@ -52,26 +48,11 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return h.hexdigest()
 
 
-def _code_hash() -> str:
-    """sha256 of the source of CODE_PATHS (every .py file, by path and bytes); read once per process."""
-    paths = tuple(CODE_PATHS)
-    if paths not in _CODE_HASH:
-        h = hashlib.sha256()
-        for root in paths:
-            files = sorted(root.rglob("*.py")) if root.is_dir() else [root]
-            for f in files:
-                h.update(str(f.relative_to(_PACKAGE) if f.is_relative_to(_PACKAGE) else f).encode())
-                h.update(f.read_bytes())
-        _CODE_HASH[paths] = h.hexdigest()
-    return _CODE_HASH[paths]
-
-
 def cache_key(cfg: DataConfig, tokenizer: Any) -> str:
     """Hex key of the preprocessed output of `cfg` with `tokenizer`."""
     settings = dataclasses.asdict(cfg)
     settings.pop("cache", None)
-    h = hashlib.sha256(CODE_VERSION.encode())
-    h.update(_code_hash().encode())
+    h = hashlib.sha256(source_hash(*CODE_PATHS).encode())
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     for src in cfg.sources:
         h.update(fingerprint(src.path, src.hub_split).encode())

@@ -22,6 +22,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from finetune.paths import PACKAGE_DIR, cache_root, source_hash
+
 log = logging.getLogger("finetune.eval")
 
 # Eval settings that act after the scores exist (or run their own models), so they do not enter the key.
@@ -29,25 +31,10 @@ _AFTER_SCORING = {"enabled", "gates", "examples", "checkpoints", "compare_base",
                   "task_paths", "num_fewshot", "limit", "apply_chat_template", "allow_code_execution"}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                     "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
-_SOURCE_HASH: str | None = None
 
 
 def _digest(data: bytes | str) -> str:
     return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
-
-
-def _source_hash() -> str:
-    """sha256 of every .py file of the installed finetune package (about 1 MB, read once per process)."""
-    global _SOURCE_HASH
-    if _SOURCE_HASH is None:
-        from finetune.paths import PACKAGE_DIR
-
-        h = hashlib.sha256()
-        for f in sorted(PACKAGE_DIR.rglob("*.py")):
-            h.update(str(f.relative_to(PACKAGE_DIR)).encode())
-            h.update(f.read_bytes())
-        _SOURCE_HASH = h.hexdigest()
-    return _SOURCE_HASH
 
 
 def _folder_fingerprint(folder: Path) -> list:
@@ -97,14 +84,13 @@ def cache_key(cfg, rows: list[dict], tokenizer_dir: Path, device: str, dtype: An
         "rows": _digest(json.dumps(rows, sort_keys=True, default=str)),
         "eval": {k: v for k, v in dataclasses.asdict(cfg.eval).items() if k not in _AFTER_SCORING},
         "device": device, "dtype": str(dtype), "hardware": hardware,
-        "torch": torch.__version__, "transformers": transformers.__version__, "finetune_source": _source_hash(),
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "finetune_source": source_hash(PACKAGE_DIR),
     }
     return _digest(json.dumps(inputs, sort_keys=True, default=str))[:24], inputs
 
 
 def entry_path(key: str) -> Path:
-    from finetune.paths import cache_root
-
     return cache_root() / "eval-base" / f"{key}.json"
 
 

@@ -59,6 +59,7 @@ def test_changed_preprocessing_code_rebuilds(make_cfg, tiny_tok, cache_dir, writ
     # The key hashes the builders' source: a change to a renderer (here a stand-in file) must not reuse rows
     # the old code rendered, as it once did when only a hand-bumped version was hashed.
     from finetune.data import cache
+    from finetune.paths import source_hash
 
     code = tmp_path / "code"
     code.mkdir()
@@ -68,7 +69,7 @@ def test_changed_preprocessing_code_rebuilds(make_cfg, tiny_tok, cache_dir, writ
     first = _run(make_cfg, tiny_tok, cache_dir, path)
     assert _hit(_run(make_cfg, tiny_tok, cache_dir, path))
     (code / "render.py").write_text("SKETCH = '(a|b)'\n")
-    cache._CODE_HASH.clear()  # the hash is read once per process; a new process reads the edited file
+    source_hash.cache_clear()  # the hash is read once per process; a new process reads the edited file
     again = _run(make_cfg, tiny_tok, cache_dir, path)
     assert not _hit(again) and again.stats["cache"]["key"] != first.stats["cache"]["key"]
 
