@@ -15,7 +15,9 @@ Why it looks like this: a 135M model trained for a few minutes must reach exact 
 seen, so every target string is copied verbatim from the input, enums and booleans follow fixed cue phrases
 ("dringend" -> priority "high"), a nullable field the text does not mention is null, and targets stay short
 (compact JSON well under 80 tokens). Variety comes from layouts (labelled card vs prose), clause order,
-several phrasings per language and distractor sentences. Held-out rows take names, companies, cities,
+several phrasings per language and distractor sentences. Some training names, cities, brands, venues,
+companies and title words are invented from random syllables (INVENT_P), so the model learns to copy an
+unseen name rather than recall the training pool. Held-out rows take names, companies, cities,
 products, venues, restaurants and words from pools that share no word with training (pools.py); drawn values
 (ids, phones, dates, amounts, times) are redrawn until none of their words occurs in a training value.
 Seeded: rerunning writes byte-identical files.
@@ -33,13 +35,24 @@ from finetune.demo_data.pools import TRAIN, VAL, Draw, pool_words
 HERE = Path(__file__).resolve().parent
 SEED = 13
 COUNTS = {"extraction": (400, 60), "chat": (40, 10), "tools": (60, 15)}  # (train, val) rows
+# Share of training first and last names, cities, brands, venues, companies and title words replaced by
+# invented ones (pools.Draw; held-out rows unchanged). Measured 2026-12-06, the whole demo on the AVX2 EPYC
+# (fp32), held-out exact / JSON valid / schema valid / field F1 / chrF / stopped:
+#   0.0 seed 42: 0.400 / 1.000 / 1.000 / 0.856 / 76.8 / 1.000 (seed 7 on 2026-12-04: 0.500 / 0.983 / 0.983 /
+#       0.869 / 66.5 / 1.000); 17 misspelt or invented names, cities and titles among the errors
+#   0.6 seed 42: 0.400 / 1.000 / 0.983 / 0.837 / 73.0 / 1.000; 10 such errors, but values invented for null
+#       fields (a time "150", a phone "+321")
+#   0.3 seed 42: 0.571 / 0.983 / 0.983 / 0.911 / 71.9 / 0.986; seed 7: 0.486 / 0.983 / 0.983 / 0.861 / 53.8 /
+#       0.971; 5 and 11 such errors. The rows that did not stop are free-text rows (a word list repeated).
+# Held-out target loss 0.111 (0.0) -> 0.088 (0.6), 0.083 / 0.082 (0.3).
+INVENT_P = 0.3
 BUILDERS = {"extraction": extraction_rows, "chat": chat_rows, "tools": tool_rows}
 
 
 def build_all() -> dict[str, list[dict]]:
     """Rows of every file by file name. Training rows come first; held-out draws then avoid their words."""
     rng = random.Random(SEED)
-    train = Draw(rng, TRAIN)
+    train = Draw(rng, TRAIN, invent=random.Random(SEED + 1), invent_p=INVENT_P, exclude=frozenset(pool_words(VAL)))
     files = {f"{kind}_train.jsonl": BUILDERS[kind](train, n) for kind, (n, _) in COUNTS.items()}
     val = Draw(rng, VAL, avoid=frozenset(train.used | pool_words(TRAIN)))
     files |= {f"{kind}_val.jsonl": BUILDERS[kind](val, n) for kind, (_, n) in COUNTS.items()}

@@ -224,3 +224,22 @@ def test_chat_answers_follow_from_the_prompt(split):
         else:
             pytest.fail(f"no oracle for chat prompt {user!r}")
     assert len(kinds) == len(CHAT_ORACLES) if split == "train" else len(kinds) >= 5
+
+
+def test_training_entities_are_partly_invented_and_leave_the_held_out_rows_alone(monkeypatch):
+    # Invented training entities (pools.Draw) make copying the only way to a right name: with the pools alone,
+    # every training city is one of 30 and every first name one of 36, which the model learnt by heart. Inventing
+    # must not move the shared random sequence, or the held-out rows would change with it.
+    from finetune.demo_data.pools import TRAIN
+
+    rows = [r["output"] for r in _rows("extraction_train.jsonl")]
+    cities = {o["city"] for o in rows if o.get("city")} | {o["location"]["city"] for o in rows if "location" in o}
+    firsts = {(o.get("name") or o.get("customer")).split()[0] for o in rows if o.get("name") or o.get("customer")}
+    assert len(cities - set(TRAIN.cities)) >= 20 and len(firsts - set(TRAIN.first)) >= 40, (len(cities), len(firsts))
+    invented = make_extraction_data.build_all()
+    monkeypatch.setattr(make_extraction_data, "INVENT_P", 0.0)
+    plain = make_extraction_data.build_all()
+    for name in COUNTS:
+        if name.endswith("_val.jsonl"):
+            assert invented[name] == plain[name], f"{name} changed with the training rows' invented entities"
+    assert invented["extraction_train.jsonl"] != plain["extraction_train.jsonl"]
