@@ -1,11 +1,12 @@
 """Shared-prefix packing: a packed row computes each common prompt prefix once.
 
 The documents of a packed row often begin with the same tokens: the chat template's system prompt, the task's
-instruction, a structured row's schema. The demo's 440 training rows were 71,857 tokens (2026-12-04), 54,349 of them prompt;
-packed by trl into 36 rows of 2,048 tokens, 23,861 of them (33%, 54 a document) repeat an earlier document's
-leading tokens in their row. Computing those once is exact: a causal model's keys and values at positions 0..P-1 depend only on tokens
-0..P-1, so a document that repeats them may attend to another document's keys and values there instead of its
-own, and the gradient that flowed into both copies flows into the one.
+instruction, a structured row's schema. The demo's 440 training rows were 71,857 tokens (2026-12-04), 54,349
+of them prompt; packed by trl into 36 rows of 2,048 tokens, 23,861 of them (33%, 54 a document) repeat an
+earlier document's leading tokens in their row. Computing those once is exact: a causal model's keys and
+values at positions 0..P-1 depend only on tokens 0..P-1, so a document that repeats them may attend to another
+document's keys and values there instead of its own, and the gradient that flowed into both copies flows into
+the one.
 
 `SharedPrefixCollator` wraps trl's padding-free collator. After trl has flattened the micro-batch into one row,
 each document (after the first of its kind) whose first P prompt tokens equal those of an earlier document
